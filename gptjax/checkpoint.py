@@ -1,0 +1,164 @@
+"""Orbax checkpoints of {train state, data-iterator state}, in `<workdir>/checkpoints/<step>`.
+
+Resume order when a run starts: (1) the newest readable checkpoint in its own workdir; (2) else the
+parameters of `init_from` (another run's workdir, e.g. the previous stage); (3) else fresh init.
+A checkpoint that cannot be read is reported, moved aside (never deleted: it may still hold
+something a person wants), and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, *, keep: int = 3):
+    self.directory = checkpoint_dir(workdir)
+    self.keep = keep
+    self._open()
+
+  def _open(self):
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = True) -> None:
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+    self.manager.wait_until_finished()
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
+
+    Returns (state, data_state, step), or None when there is no checkpoint at all.
+    """
+    steps = self.all_steps() if step is None else [step]
+    for s in reversed(steps):
+      try:
+        out = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"], s
+      except Exception as e:  # orbax raises many types for a damaged directory
+        if step is not None:
+          raise
+        bad = os.path.join(self.directory, str(s))
+        aside = os.path.join(self.directory, f"unreadable-{s}-{int(time.time())}")
+        log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s and falling back to "
+                    "the previous one", bad, type(e).__name__, str(e)[:300], aside)
+        print(f"WARNING: checkpoint {bad} is unreadable ({type(e).__name__}); falling back to the "
+              f"previous checkpoint. The unreadable one is kept at {aside}.", flush=True)
+        if jax.process_index() == 0 and os.path.exists(bad):
+          os.rename(bad, aside)
+        self.manager.close()
+        self._open()
+    return None
+
+  def close(self):
+    self.manager.close()
+
+
+def restore_params(workdir: str, abstract_params, step: int | None = None):
+  """Only the parameters of another run (for `init_from`), into `abstract_params`' shardings."""
+  directory = checkpoint_dir(workdir)
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"init_from: no checkpoint under {directory}")
+  target = {"params": abstract_params}
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=jax.tree.map(
+              lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                             dtype=x.dtype)
+              if hasattr(x, "sharding") and x.sharding is not None else ocp.RestoreArgs(),
+              target),
+          partial_restore=True)))
+  mngr.close()
+  return restored["state"]["params"]
+
+
+def load_for_inference(workdir: str, step: int | None = None):
+  """(model, params, tokenizer, config) from a workdir, on the default device(s)."""
+  import flax.linen as nn
+  from gptjax import config as config_lib
+  from gptjax.data import tokenizers
+  from gptjax.model import GPT
+  cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
+  mcfg = config_lib.model_config(cfg)
+  model = GPT(mcfg)
+  import jax.numpy as jnp
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+  params = restore_params(workdir, abstract, step)
+  tok = tokenizers.load_tokenizer(workdir)
+  return model, params, tok, cfg
+
+
+def _paths(tree):
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def init_from_workdir(workdir: str, fresh_params, *, strict_prefix: str | None = None,
+                      step: int | None = None):
+  """Loads another run's GPT parameters into `fresh_params` (a sharded tree of the new stage).
+
+  Leaves present in both with the same shape are taken from `workdir`; leaves only in the new
+  model (e.g. a reward head) keep their fresh initialisation and are listed; a leaf with a shape
+  that differs is an error, since silently re-initialising it would lose the previous stage.
+  """
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from gptjax import config as config_lib
+  from gptjax.model import GPT
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"init_from: {workdir} has no config.json; is it a gptjax workdir?")
+  prev_cfg = config_lib.from_json(cfg_path)
+  prev_model = GPT(config_lib.model_config(prev_cfg))
+  prev_abstract = jax.eval_shape(lambda: nn.meta.unbox(
+      prev_model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+  fresh = _paths(fresh_params)
+  repl = jax.sharding.NamedSharding(
+      jax.tree.leaves(fresh_params)[0].sharding.mesh, jax.sharding.PartitionSpec())
+
+  def target(path, a):
+    key = jax.tree_util.keystr(path)
+    f = fresh.get(key)
+    if f is not None and f.shape != a.shape:
+      raise ValueError(f"init_from {workdir}: parameter {key} has shape {a.shape} there but "
+                       f"{f.shape} in this model; the model configs disagree")
+    sh = f.sharding if f is not None else repl
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+
+  target_tree = jax.tree_util.tree_map_with_path(target, prev_abstract)
+  loaded = _paths(restore_params(workdir, target_tree, step))
+  missing = sorted(k for k in fresh if k not in loaded)
+  if missing:
+    print(f"init_from {workdir}: freshly initialised {len(missing)} parameter(s) not in the "
+          f"previous run: {', '.join(missing)}", flush=True)
+
+  def pick(path, f):
+    return loaded.get(jax.tree_util.keystr(path), f)
+
+  return jax.tree_util.tree_map_with_path(pick, fresh_params)

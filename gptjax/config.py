@@ -1,0 +1,178 @@
+"""Config files and command-line overrides.
+
+A config is a Python file with `get_config(arg)` returning an `ml_collections.ConfigDict`; the
+launch spec is `path.py:arg` (the argument picks a preset such as `tiny`). Any field can then be
+overridden with `--config.a.b=value`. Unknown fields and values of the wrong type fail at once
+with a message naming the field; `validate` checks the fields against each other and the devices.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def load_module(path: str):
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  name = "gptjax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config(arg)")
+  return module
+
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """`experiments/x.py:tiny` plus overrides like `train.steps=100` -> a locked ConfigDict."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
+  cfg = module.get_config(arg) if arg else module.get_config(None)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+  apply_overrides(cfg, overrides)
+  cfg.lock()
+  return cfg
+
+
+def _all_fields(cfg, prefix=""):
+  for k, v in cfg.items():
+    key = f"{prefix}{k}"
+    yield key
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _all_fields(v, key + ".")
+
+
+def _parse_value(text: str, old, field: str):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text                    # a bare word is a string
+  if old is None:
+    return value
+  if isinstance(old, bool):
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      return value.lower() == "true"
+    if not isinstance(value, bool):
+      raise ConfigError(f"config field {field!r}: expected true or false, got {text!r}")
+    return value
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(old, str) and not isinstance(value, str):
+    return text
+  if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+    return type(old)(value)
+  if type(value) is not type(old):
+    raise ConfigError(f"config field {field!r}: expected {type(old).__name__}, got {text!r}")
+  return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
+  for item in overrides:
+    item = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in item:
+      raise ConfigError(f"config override {item!r}: expected field=value")
+    key, text = item.split("=", 1)
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = list(_all_fields(cfg))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config field {key!r}{hint}")
+      if i < len(parts) - 1:
+        node = node[part]
+    old = node[parts[-1]]
+    value = _parse_value(text, old, key)
+    with node.unlocked():
+      node[parts[-1]] = value
+
+
+def split_argv(argv):
+  """Separates `--config.x=y` overrides from the other arguments."""
+  overrides, rest = [], []
+  for a in argv:
+    (overrides if a.startswith("--config.") else rest).append(a)
+  return overrides, rest
+
+
+def to_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def validate(cfg, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """Checks fields against each other and the hardware; every message names its field."""
+  from gptjax import model as model_lib, sharding
+  import jax
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  try:
+    shape = sharding.mesh_shape(cfg.mesh.shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    mcfg = model_config(cfg).resolved()
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from None
+  t = cfg.train
+  dp = shape[0] * shape[1]
+  if t.batch_size <= 0:
+    raise ConfigError(f"train.batch_size: must be positive, got {t.batch_size}")
+  if t.grad_accum <= 0 or t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.grad_accum: {t.grad_accum} does not divide train.batch_size="
+                      f"{t.batch_size}")
+  micro = t.batch_size // t.grad_accum
+  if micro % dp:
+    raise ConfigError(f"train.batch_size: the micro-batch of {micro} rows does not divide across "
+                      f"the {dp} data-parallel devices (mesh.shape={shape})")
+  if t.batch_size % num_processes:
+    raise ConfigError(f"train.batch_size: {t.batch_size} does not divide across "
+                      f"{num_processes} processes")
+  if "seq_len" in cfg.data and cfg.data.seq_len > mcfg.max_len:
+    raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_len={mcfg.max_len}")
+  if t.steps < 0:
+    raise ConfigError(f"train.steps: must be >= 0, got {t.steps}")
+  for f in ("eval_every", "sample_every", "checkpoint_every", "log_every"):
+    if t[f] < 0:
+      raise ConfigError(f"train.{f}: must be >= 0 (0 disables), got {t[f]}")
+  if t.keep_checkpoints < 1:
+    raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+  from gptjax import losses
+  if cfg.loss.name not in losses.names():
+    raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; registered: {losses.names()}")
+
+
+def model_config(cfg):
+  fields = {f for f in model_lib_fields()}
+  d = cfg.model.to_dict()
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ConfigError(f"unknown config field 'model.{unknown[0]}'")
+  from gptjax.model import ModelConfig
+  return ModelConfig(**d)
+
+
+def model_lib_fields():
+  import dataclasses
+  from gptjax.model import ModelConfig
+  return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def loss_kwargs(cfg) -> dict:
+  d = cfg.loss.to_dict()
+  d.pop("name")
+  return d

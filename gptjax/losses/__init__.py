@@ -1,0 +1,49 @@
+"""The loss registry: each stage is a loss function selected by name in a config.
+
+Every loss has the same signature, so the one train step can run any of them:
+
+    loss_fn(params, batch, *, frozen, rng, model) -> (scalar loss, dict of metrics)
+
+`frozen` holds parameters the loss reads but never trains (the reference policy, the reward
+model); `rng` is already folded with the step number; `model` is the flax module. Metrics are
+scalars named with a slash-separated group, e.g. "train/loss".
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register(name: str):
+  def deco(fn):
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+      raise ValueError(f"loss {name!r} is already registered")
+    _REGISTRY[name] = fn
+    return fn
+  return deco
+
+
+def get(name: str) -> Callable:
+  _import_builtin()
+  if name not in _REGISTRY:
+    raise KeyError(f"unknown loss {name!r}; registered: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  _import_builtin()
+  return sorted(_REGISTRY)
+
+
+def _import_builtin():
+  # Importing the modules runs their @register decorators. Modules that do not exist yet in a
+  # partial checkout are skipped; a module that fails to import for another reason still raises.
+  import importlib
+  for mod in ("lm", "reward", "policy", "dpo"):
+    try:
+      importlib.import_module(f"gptjax.losses.{mod}")
+    except ModuleNotFoundError as e:
+      if e.name != f"gptjax.losses.{mod}":
+        raise

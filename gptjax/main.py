@@ -1,0 +1,71 @@
+"""The `gptjax` command. Thin on purpose: parse, then call a library function.
+
+  gptjax train     --config experiments/x.py:preset --workdir DIR [--config.field=value ...]
+  gptjax pipeline  --config experiments/shakespeare_assistant.py:tiny --workdir DIR
+  gptjax sample    --workdir DIR --prompt "..."        gptjax chat --workdir DIR
+  gptjax tokenizer train --source shakespeare --vocab_size 512 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(argv):
+  from gptjax import config as config_lib
+  overrides, rest = config_lib.split_argv(argv)
+  p = argparse.ArgumentParser(prog="gptjax train")
+  p.add_argument("--config", required=True, help="path.py:preset")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(rest)
+  try:
+    cfg = config_lib.load(args.config, overrides)
+    _distributed(cfg)
+    from gptjax.stages import run_stage
+    res = run_stage(cfg, args.workdir, progress=not args.no_progress)
+  except config_lib.ConfigError as e:
+    print(f"gptjax: config error: {e}", file=sys.stderr)
+    return 2
+  return 128 + 15 if getattr(res, "interrupted", False) else 0
+
+
+def _distributed(cfg):
+  from gptjax import sharding
+  sharding.init_distributed(cfg.distributed)
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  commands = {"train": _train}
+  try:
+    from gptjax import generate_cli
+    commands["sample"] = generate_cli.sample_main
+    commands["chat"] = generate_cli.chat_main
+  except ImportError:
+    pass
+  try:
+    from gptjax.data import tokenizer_cli
+    commands["tokenizer"] = tokenizer_cli.tokenizer_main
+  except ImportError:
+    pass
+  try:
+    from gptjax import pipeline
+    commands["pipeline"] = pipeline.main
+  except ImportError:
+    pass
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    print(__doc__.strip())
+    if argv and argv[0] not in ("-h", "--help"):
+      print(f"\ngptjax: unknown command {argv[0]!r}; expected one of {sorted(commands)}",
+            file=sys.stderr)
+      return 2
+    return 0
+  return commands[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

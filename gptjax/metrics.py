@@ -1,0 +1,121 @@
+"""Metric writers (TensorBoard event files, metrics.jsonl, a console progress bar) and MFU.
+
+MFU (model FLOPs utilisation) is one formula everywhere:
+
+    MFU = flops_per_token · tokens_per_second / (peak_flops_per_device · num_devices)
+
+with `model.flops_per_token` = 6·N + 12·L·T·D (N: non-embedding parameters plus the LM head;
+the attention term counts QKᵀ and AV for forward and backward, PaLM appendix B). Peaks are dense
+(no sparsity) vendor figures for the compute dtype; the CPU's peak is measured once on this
+machine with a large float32 matmul and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+# Dense peak FLOP/s per device, by device kind and compute dtype (vendor datasheets).
+PEAK_FLOPS = {
+    "a100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "h100": {"bfloat16": 989e12, "float32": 67e12},
+    "h200": {"bfloat16": 989e12, "float32": 67e12},
+    "tpu v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
+    "tpu v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},   # v5e
+    "tpu v5e": {"bfloat16": 197e12, "float32": 197e12 / 4},
+    "tpu v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
+    "tpu v5": {"bfloat16": 459e12, "float32": 459e12 / 4},
+    "tpu v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 4},   # v6e (Trillium)
+    "tpu v6e": {"bfloat16": 918e12, "float32": 918e12 / 4},
+}
+_CPU_PEAK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gptjax", "cpu_peak.json")
+
+
+def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+  """Float32 matmul FLOP/s on this host's JAX CPU device (median of repeats, after a warm-up)."""
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def peak_flops(device=None, dtype: str = "float32") -> float:
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  if device.platform == "cpu":
+    try:
+      with open(_CPU_PEAK_CACHE) as f:
+        return float(json.load(f)["flops"])
+    except (OSError, ValueError, KeyError):
+      peak = measure_cpu_peak()
+      try:
+        os.makedirs(os.path.dirname(_CPU_PEAK_CACHE), exist_ok=True)
+        with open(_CPU_PEAK_CACHE, "w") as f:
+          json.dump({"flops": peak, "device_kind": kind}, f)
+      except OSError:
+        pass
+      return peak
+  dt = "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name in kind:
+      return PEAK_FLOPS[name][dt]
+  return float("nan")
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, *, num_devices: int, peak: float) -> float:
+  return flops_per_token * tokens_per_sec / (peak * num_devices)
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard, `metrics.jsonl` and text to TensorBoard; process 0 only."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.workdir = workdir
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    for k, v in clean.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    if not self.enabled:
+      return
+    self._tb.add_text(tag, text, step)
+    with open(os.path.join(self.workdir, "samples.txt"), "a") as f:
+      f.write(f"=== step {step} {tag}\n{text}\n\n")
+
+  def flush(self):
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

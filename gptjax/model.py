@@ -1,0 +1,341 @@
+"""A decoder-only transformer in flax.linen, GPT-2 or LLaMA style, chosen by config fields.
+
+    model = GPT(ModelConfig(...))
+    out = model.apply({"params": params}, inputs, positions=..., segment_ids=...)
+    out.logits [B,T,V] float32, out.hidden [B,T,D] (after the final norm), out.values [B,T] or None
+
+Decoding passes a KV cache (see `init_cache`) and the slot to write at; the same code path serves
+training, prefill and one-token decode, so cached logits equal full-forward logits.
+
+Attention masks come from segment ids: a query attends to a key when the key is not in its future
+and both belong to the same segment. Packed documents never see each other, and padding (segment
+0) only sees padding. Every parameter carries logical axis names; `sharding.py` maps them to mesh
+axes through the config's rules table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int | None = None   # None: same as num_heads; fewer gives grouped-query attention
+  d_model: int = 128
+  mlp_dim: int | None = None        # None: 4·D (gelu/relu) or the LLaMA rule 8/3·D rounded (swiglu)
+  max_len: int = 256
+  variant: str = "gpt2"             # defaults for the fields below when they are left as None
+  norm: str | None = None           # layernorm | rmsnorm
+  activation: str | None = None     # gelu_tanh | gelu | relu | swiglu
+  positional: str | None = None     # learned | rope
+  tie_embeddings: bool | None = None
+  use_bias: bool | None = None
+  qk_norm: bool = False
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  dtype: str = "float32"            # compute dtype; parameters stay float32
+  param_dtype: str = "float32"
+  remat: str = "none"               # none | full | dots (save matmul outputs, recompute the rest)
+  dropout_rate: float = 0.0
+  scalar_head: bool = False         # a D→1 head on the final hidden states (reward / value)
+  attention_impl: str | None = None  # None lets JAX choose; "cudnn" forces the fused GPU kernel
+
+  def resolved(self) -> "ModelConfig":
+    """Fills variant defaults, so the rest of the code reads concrete values."""
+    gpt2 = dict(norm="layernorm", activation="gelu_tanh", positional="learned",
+                tie_embeddings=True, use_bias=True)
+    llama = dict(norm="rmsnorm", activation="swiglu", positional="rope",
+                 tie_embeddings=False, use_bias=False)
+    if self.variant not in ("gpt2", "llama"):
+      raise ValueError(f"model.variant must be 'gpt2' or 'llama', got {self.variant!r}")
+    defaults = gpt2 if self.variant == "gpt2" else llama
+    kw = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
+    c = dataclasses.replace(self, **kw)
+    if c.num_kv_heads is None:
+      c = dataclasses.replace(c, num_kv_heads=c.num_heads)
+    if c.mlp_dim is None:
+      if c.activation == "swiglu":
+        m = int(8 * c.d_model / 3)
+        c = dataclasses.replace(c, mlp_dim=((m + 63) // 64) * 64)
+      else:
+        c = dataclasses.replace(c, mlp_dim=4 * c.d_model)
+    c.validate()
+    return c
+
+  def validate(self):
+    def bad(field, msg):
+      raise ValueError(f"model.{field}: {msg}")
+    if self.d_model % self.num_heads:
+      bad("d_model", f"{self.d_model} is not divisible by num_heads={self.num_heads}")
+    if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+      bad("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+    if self.norm not in (None, "layernorm", "rmsnorm"):
+      bad("norm", f"expected layernorm or rmsnorm, got {self.norm!r}")
+    if self.activation not in (None, "gelu_tanh", "gelu", "relu", "swiglu"):
+      bad("activation", f"expected gelu_tanh, gelu, relu or swiglu, got {self.activation!r}")
+    if self.positional not in (None, "learned", "rope"):
+      bad("positional", f"expected learned or rope, got {self.positional!r}")
+    if self.positional == "rope" and (self.d_model // self.num_heads) % 2:
+      bad("d_model", "RoPE needs an even head dimension")
+    if self.dtype not in _DTYPES:
+      bad("dtype", f"expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.param_dtype not in _DTYPES:
+      bad("param_dtype", f"expected one of {sorted(_DTYPES)}, got {self.param_dtype!r}")
+    if self.remat not in ("none", "full", "dots"):
+      bad("remat", f"expected none, full or dots, got {self.remat!r}")
+    for f in ("vocab_size", "num_layers", "num_heads", "d_model", "max_len"):
+      if getattr(self, f) <= 0:
+        bad(f, f"must be positive, got {getattr(self, f)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@struct.dataclass
+class ModelOutput:
+  logits: Any          # [B,T,V] float32, or None when the caller asked for hidden states only
+  hidden: Any          # [B,T,D] after the final norm
+  values: Any = None   # [B,T] float32 from the scalar head, when the config has one
+  cache: Any = None    # the updated KV cache, when one was passed
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+  """An empty KV cache: k, v [L,B,S,N,K] and the segment id of each slot [B,S] (0 = empty)."""
+  cfg = cfg.resolved()
+  dt = _DTYPES[cfg.dtype] if dtype is None else dtype
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+          "segment_ids": jnp.zeros((batch, length), jnp.int32)}
+
+
+def _init(names, fn):
+  return nn.with_logical_partitioning(fn, names)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str):
+  if cfg.norm == "rmsnorm":
+    return RMSNorm(eps=cfg.norm_eps, dtype=_DTYPES[cfg.dtype], name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=_DTYPES[cfg.dtype], name=name,
+                      scale_init=_init(("norm",), nn.initializers.ones),
+                      bias_init=_init(("norm",), nn.initializers.zeros))
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding on x [B,T,H,K] at integer positions [B,T] (rotate-half convention)."""
+  k = x.shape[-1]
+  freqs = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))     # [K/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs                    # [B,T,K/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, layer_cache, cache_segment_ids, cache_index):
+    cfg = self.cfg
+    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    init = nn.initializers.normal(0.02)
+    bias_init = _init(("heads", "head_dim"), nn.initializers.zeros)
+    dense = lambda feats, names, name: nn.DenseGeneral(
+        feats, axis=-1, use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name=name,
+        kernel_init=_init(names, init),
+        bias_init=_init(names[1:], nn.initializers.zeros))
+    q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "query")(x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), "key")(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), "value")(x)
+    if cfg.qk_norm:
+      q = RMSNorm(eps=cfg.norm_eps, dtype=dt, name="query_norm")(q)
+      k = RMSNorm(eps=cfg.norm_eps, dtype=dt, name="key_norm")(k)
+    if cfg.positional == "rope":
+      q = rope(q, positions, cfg.rope_theta)
+      k = rope(k, positions, cfg.rope_theta)
+
+    t = x.shape[1]
+    q_slots = jnp.arange(t)
+    if layer_cache is not None:
+      # Write this call's keys and values at [cache_index, cache_index + T) and attend over the
+      # whole cache; empty slots have segment 0 and are masked like padding.
+      ck = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                        (0, cache_index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                        (0, cache_index, 0, 0))
+      layer_cache = {"k": ck, "v": cv}
+      k, v, kv_seg = ck.astype(dt), cv.astype(dt), cache_segment_ids
+      q_slots = q_slots + cache_index
+    else:
+      kv_seg = segment_ids
+    kv_slots = jnp.arange(k.shape[1])
+    causal = kv_slots[None, :] <= q_slots[:, None]                                # [T,S]
+    same = segment_ids[:, :, None] == kv_seg[:, None, :]                          # [B,T,S]
+    mask = (causal[None] & same)[:, None]                                         # [B,1,T,S]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
+    out = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="out",
+        # GPT-2 scales residual-branch outputs by 1/sqrt(2L) so the residual stream's variance
+        # does not grow with depth.
+        kernel_init=_init(("heads", "head_dim", "embed"),
+                          nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)),
+        bias_init=_init(("embed",), nn.initializers.zeros))(out)
+    return out, layer_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    dense = lambda feats, names, name, std=0.02: nn.Dense(
+        feats, use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name=name,
+        kernel_init=_init(names, nn.initializers.normal(std)),
+        bias_init=_init(names[1:], nn.initializers.zeros))
+    if cfg.activation == "swiglu":
+      h = nn.silu(dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(x)) * dense(
+          cfg.mlp_dim, ("embed", "mlp"), "up")(x)
+    else:
+      h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc")(x)
+      if cfg.activation == "gelu_tanh":
+        h = nn.gelu(h, approximate=True)
+      elif cfg.activation == "gelu":
+        h = nn.gelu(h, approximate=False)
+      else:
+        h = nn.relu(h)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    return dense(cfg.d_model, ("mlp", "embed"), "proj", 0.02 / (2 * cfg.num_layers) ** 0.5)(h)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Scanned over layers, so the carry is x and the per-layer input is
+  that layer's slice of the KV cache."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, layer_cache, ctx):
+    positions, segment_ids, cache_segment_ids, cache_index = ctx
+    cfg = self.cfg
+    h, layer_cache = Attention(cfg, self.deterministic, name="attn")(
+        make_norm(cfg, "ln_attn")(x), positions, segment_ids, layer_cache, cache_segment_ids,
+        cache_index)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    h = MLP(cfg, self.deterministic, name="mlp")(make_norm(cfg, "ln_mlp")(x))
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    return x, layer_cache
+
+
+class GPT(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs, positions=None, segment_ids=None, *, cache=None, cache_index=0,
+               deterministic: bool = True, compute_logits: bool = True) -> ModelOutput:
+    cfg = self.cfg.resolved()
+    dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    b, t = inputs.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt, name="embed",
+                     embedding_init=_init(("vocab", "embed"), nn.initializers.normal(0.02)))
+    x = embed(inputs)
+    if cfg.positional == "learned":
+      pos = nn.Embed(cfg.max_len, cfg.d_model, dtype=dt, param_dtype=pdt, name="pos_embed",
+                     embedding_init=_init(("pos", "embed"), nn.initializers.normal(0.01)))
+      x = x + pos(positions)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+    cache_segment_ids, layer_caches = None, None
+    if cache is not None:
+      # Slots written by this call take the segment ids of the tokens written there.
+      cache_segment_ids = jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
+      layer_caches = {"k": cache["k"], "v": cache["v"]}
+
+    block = Block
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if cfg.remat == "dots" else None)
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, new_layer_caches = stack(cfg, deterministic, name="blocks")(
+        x, layer_caches, (positions, segment_ids, cache_segment_ids, cache_index))
+    hidden = make_norm(cfg, "ln_final")(x)
+
+    logits = None
+    if compute_logits or self.is_initializing():
+      if cfg.tie_embeddings:
+        logits = embed.attend(hidden)
+      else:
+        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                          name="lm_head",
+                          kernel_init=_init(("embed", "vocab"), nn.initializers.normal(0.02)))(hidden)
+      logits = logits.astype(jnp.float32)
+
+    values = None
+    if cfg.scalar_head:
+      d = cfg.d_model
+      values = nn.Dense(1, dtype=jnp.float32, param_dtype=pdt, name="scalar_head",
+                        kernel_init=_init(("embed", None), nn.initializers.normal((d + 1) ** -0.5)),
+                        bias_init=_init((None,), nn.initializers.zeros))(
+                            hidden.astype(jnp.float32))[..., 0]
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"],
+                   "segment_ids": cache_segment_ids}
+    return ModelOutput(logits=logits, hidden=hidden, values=values, cache=new_cache)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6·N for the matmuls plus 12·L·T·D for attention (PaLM appendix B).
+
+  N counts the non-embedding parameters plus the LM head (the embedding lookup is free, the head
+  projection is not).
+  """
+  cfg = cfg.resolved()
+  d, l, f = cfg.d_model, cfg.num_layers, cfg.mlp_dim
+  kv = cfg.num_kv_heads * cfg.head_dim
+  attn = d * d * 2 + d * kv * 2
+  mlp = d * f * (3 if cfg.activation == "swiglu" else 2)
+  n = l * (attn + mlp) + d * cfg.vocab_size
+  return 6.0 * n + 12.0 * l * seq_len * d

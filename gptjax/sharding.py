@@ -1,0 +1,145 @@
+"""Meshes, logical-axis rules and multi-host input.
+
+The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism with
+parameters and optimizer state sharded too) and `tensor` (model parallelism inside a layer).
+Parameters carry logical axis names (model.py); the config's rules table maps each to a mesh axis.
+
+We build the mesh with `AxisType.Auto` on purpose. JAX 0.10 defaults `make_mesh` to Explicit axes
+(sharding in types), which asks every op whose output sharding is ambiguous to name one. Our model
+is written once for 1 device up to a pod, so we let the partitioner propagate shardings from the
+annotated parameters and batches instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis. Kernels shard their `embed` side over fsdp and their head/mlp/vocab
+# side over tensor (Megatron-style); the scanned `layers` axis and small vectors stay replicated.
+DEFAULT_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("pos", None),
+    ("norm", None),
+)
+
+log = logging.getLogger(__name__)
+
+
+def mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+  """Resolves a (data, fsdp, tensor) shape with at most one -1 against the device count."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(AXES):
+    raise ValueError(f"mesh.shape: expected {len(AXES)} sizes for axes {AXES}, got {shape}")
+  if sum(s == -1 for s in shape) > 1:
+    raise ValueError(f"mesh.shape: at most one axis may be -1, got {shape}")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape: sizes must be positive or -1, got {shape}")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if num_devices % known:
+    raise ValueError(f"mesh.shape: {shape} does not divide the {num_devices} available devices")
+  shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"mesh.shape: {shape} uses {int(np.prod(shape))} devices, "
+                     f"but {num_devices} are available")
+  return shape
+
+
+def make_mesh(shape=(-1, 1, 1), devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def rules_from_config(rules) -> tuple:
+  out = []
+  for i, item in enumerate(rules):
+    if len(item) != 2:
+      raise ValueError(f"mesh.rules[{i}]: expected (logical_axis, mesh_axis), got {item!r}")
+    logical, target = item
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    for t in targets:
+      if t is not None and t not in AXES:
+        raise ValueError(f"mesh.rules[{i}]: mesh axis {t!r} for {logical!r} is not one of {AXES}")
+    out.append((logical, tuple(target) if isinstance(target, list) else target))
+  return tuple(out)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide a dimension (e.g. a 65-character vocabulary over tensor=2);
+  that dimension is replicated instead, and we say so."""
+  parts = []
+  for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = part if isinstance(part, tuple) else ((part,) if part else ())
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if size > 1 and dim % size:
+      log.info("replicating a dimension of size %d instead of sharding it over %s", dim, axes)
+      part = None
+    parts.append(part)
+  return P(*parts)
+
+
+def logical_to_sharding(abstract_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree of (possibly boxed) abstract values with logical axis metadata."""
+  specs = nn.get_partition_spec(abstract_tree)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  unboxed = nn.meta.unbox(abstract_tree)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)), mesh_specs, unboxed,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def to_global(local_batch, mesh: Mesh):
+  """Assembles host-local numpy batches [B/num_processes, ...] into global arrays sharded over the
+  batch axes. Each process passes only the rows it loaded."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def init_distributed(cfg) -> None:
+  """Initialises jax.distributed from the config, or from the environment on a TPU pod / SLURM.
+
+  Must run before any other JAX call. Single-process runs skip it.
+  """
+  if getattr(cfg, "cpu_collectives", ""):
+    # CPU multi-process runs need a collectives backend; gloo ships with jaxlib.
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+  addr = cfg.coordinator_address or os.environ.get("GPTJAX_COORDINATOR", "")
+  if addr:
+    num = cfg.num_processes or int(os.environ.get("GPTJAX_NUM_PROCESSES", "0"))
+    pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("GPTJAX_PROCESS_ID", "-1"))
+    if num <= 0 or pid < 0:
+      raise ValueError("distributed.coordinator_address is set, so distributed.num_processes and "
+                       "distributed.process_id (or GPTJAX_NUM_PROCESSES / GPTJAX_PROCESS_ID) "
+                       "must be set too")
+    jax.distributed.initialize(coordinator_address=addr, num_processes=num, process_id=pid)
+  elif cfg.auto:
+    # On Cloud TPU pods and SLURM clusters JAX discovers the coordinator by itself.
+    jax.distributed.initialize()

@@ -1,0 +1,110 @@
+"""Pieces every stage runner shares: the mesh, the model, the tokenizer and batch sources."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import batches as batches_lib
+from gptjax import config as config_lib
+from gptjax import losses
+from gptjax import sharding as shd
+from gptjax.data import tokenizers
+from gptjax.model import GPT
+
+
+@dataclasses.dataclass
+class Env:
+  mesh: jax.sharding.Mesh
+  model: GPT
+  model_cfg: object
+
+
+def make_env(cfg, *, scalar_head: bool | None = None) -> Env:
+  config_lib.validate(cfg, num_processes=jax.process_count())
+  mesh = shd.make_mesh(cfg.mesh.shape)
+  mcfg = config_lib.model_config(cfg)
+  if scalar_head is not None:
+    mcfg = dataclasses.replace(mcfg, scalar_head=scalar_head)
+  return Env(mesh=mesh, model=GPT(mcfg), model_cfg=mcfg.resolved())
+
+
+def init_params_fn(model, seq_len: int = 8):
+  def init(rng):
+    return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return init
+
+
+def bind_loss(cfg):
+  return functools.partial(losses.get(cfg.loss.name), **config_lib.loss_kwargs(cfg))
+
+
+class LoaderSource:
+  """Adapts a host-local numpy iterator (with get_state/set_state) into a trainer batch source."""
+
+  def __init__(self, iterator, mesh, wrap=batches_lib.LMBatch.from_dict):
+    self.iterator, self.mesh, self.wrap = iterator, mesh, wrap
+
+  def next(self, state=None):
+    return self.wrap(shd.to_global(next(self.iterator), self.mesh))
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, s: dict) -> None:
+    self.iterator.set_state(s)
+
+
+def local_batch_size(global_batch: int) -> int:
+  return global_batch // jax.process_count()
+
+
+def resolve_tokenizer(cfg, workdir: str, *, build_char_from: str | None = None):
+  """The run's tokenizer: the one already in its workdir (so a resumed run can never switch), else
+  `data.tokenizer` (a tokenizer dir or .model file, or 'char' built from the training text)."""
+  if os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
+    return tokenizers.load_tokenizer(workdir)
+  spec = cfg.data.tokenizer
+  if spec == "char":
+    if build_char_from is None:
+      raise ValueError("data.tokenizer='char' needs training text to build its vocabulary")
+    tok = tokenizers.CharTokenizer.from_text(build_char_from)
+  else:
+    tok = tokenizers.load_tokenizer(spec)
+  if jax.process_index() == 0:
+    tok.save(workdir)
+  return tok
+
+
+def fill_vocab_size(cfg, tok) -> None:
+  """model.vocab_size = 0 means "the tokenizer's"; a smaller explicit value is an error."""
+  with cfg.unlocked():
+    if cfg.model.vocab_size == 0:
+      cfg.model.vocab_size = tok.vocab_size
+  if cfg.model.vocab_size < tok.vocab_size:
+    raise config_lib.ConfigError(
+        f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+        f"{tok.vocab_size} ids")
+
+
+def sample_prompts(model, params, tok, prompts: list[str], *, seed: int, max_new_tokens: int,
+                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                   eos_ids=(), prompt_ids: list[list[int]] | None = None) -> list[str]:
+  """Samples one completion per prompt; returns the decoded completions."""
+  from gptjax import sampling
+  ids = prompt_ids if prompt_ids is not None else [tok.encode(p) for p in prompts]
+  p = max(len(x) for x in ids)
+  arr = np.full((len(ids), p), tok.pad_id, np.int32)
+  for i, x in enumerate(ids):
+    arr[i, :len(x)] = x
+  out = sampling.generate(model, params, jnp.asarray(arr), jnp.asarray([len(x) for x in ids]),
+                          rng=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, eos_ids=tuple(eos_ids), pad_id=tok.pad_id)
+  comp = np.asarray(out.completion)
+  mask = np.asarray(out.completion_mask)
+  return [tok.decode(comp[i][mask[i] > 0]) for i in range(len(ids))]

