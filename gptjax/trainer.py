@@ -8,7 +8,10 @@ A batch source is any object with
     get_state() -> dict           JSON-able position, saved inside each checkpoint
     set_state(dict)               restores that position exactly
 so a data loader and an RL rollout generator (which reads the current policy from `state`) plug in
-the same way. The loop owns: init or restore, the jitted step, logging, eval, samples, checkpoints
+the same way. Two optional methods:
+    checkpoint_safe() -> bool     False while the source holds state it cannot save (an RL
+                                  iteration's rollouts between minibatches); saves wait for True
+    pop_metrics() -> dict         scalars the source measured (e.g. rl/score), logged with the step The loop owns: init or restore, the jitted step, logging, eval, samples, checkpoints
 and clean shutdown on SIGTERM/SIGINT.
 """
 
@@ -153,6 +156,9 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
   timings = {"compile_s": 0.0, "train_s": 0.0, "tokens": 0, "steps": 0}
   window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
   last_logged = {}
+  pending_source_metrics = {}
+  safe = getattr(source, "checkpoint_safe", lambda: True)
+  save_due = False
   with _StopFlag() as stop:
     while step < total:
       t0 = time.perf_counter()
@@ -168,9 +174,13 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
         window_tokens += tokens_per_step or 0
         window_steps += 1
       log_now = t_cfg.log_every and (step % t_cfg.log_every == 0 or step == total)
+      if hasattr(source, "pop_metrics"):
+        pending_source_metrics.update(source.pop_metrics())
       if log_now or on_step is not None:
         metrics = jax.device_get(metrics)
         metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(pending_source_metrics)
+        pending_source_metrics = {}
       if log_now:
         elapsed = time.perf_counter() - window_t
         if window_steps:
@@ -214,8 +224,11 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
         writer.text(step, "samples", text)
         window_t += time.perf_counter() - t_s
       if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < total:
+        save_due = True
+      if save_due and safe():
         ckpt.save(step, state, source.get_state())
-      if stop.signum is not None:
+        save_due = False
+      if stop.signum is not None and safe():
         ckpt.save(step, state, source.get_state())
         name = signal.Signals(stop.signum).name
         msg = (f"[{workdir}] {name}: saved checkpoint at step {step}; run the same command again "
