@@ -2,57 +2,77 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
-import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import model as model_lib
 from gptjax import trainer
 from gptjax.data import shakespeare
+from gptjax.data.documents import TokenDocuments
+from gptjax.data.loader import PackedLoader
 from gptjax.data.windows import RandomWindows
 from gptjax.stages import common
 
 
-def corpus(cfg, split: str) -> str:
-  src = cfg.data.source
-  if src == "shakespeare":
-    return shakespeare.corpus_text(split, cfg.data.val_fraction)
+def documents(cfg, split: str, tok, *, cache_dir: str):
+  """The split's documents, tokenized (with BOS/EOS around each document) and cached."""
+  if cfg.data.source == "shakespeare":
+    train, val = shakespeare.split_plays(shakespeare.load_plays(), cfg.data.val_fraction)
+    plays = train if split == "train" else val
+    return TokenDocuments.from_texts([p.text() for p in plays], tok)
   from gptjax.data import sources
-  ds = sources.open_source(src, split=split, data_dir=cfg.data.data_dir or None)
-  field = cfg.data.get("text_field", "text")
-  texts = []
-  for i in range(len(ds)):
-    ex = ds[i]
-    if field not in ex:
-      raise ValueError(f"data.source {src!r}: example {i} has no field {field!r} "
-                       f"(fields: {sorted(ex)}); set data.text_field")
-    v = ex[field]
-    texts.append(v.decode() if isinstance(v, bytes) else str(v))
-  eos = "\n\n"
-  return eos.join(texts)
+  src = sources.open_source(cfg.data.source, split=split, data_dir=cfg.data.data_dir or None,
+                            val_fraction=cfg.data.val_fraction)
+  return TokenDocuments.from_source(src, tok, field=cfg.data.text_field, cache_dir=cache_dir)
+
+
+def _train_text_for_char_vocab(cfg) -> str | None:
+  if cfg.data.tokenizer != "char":
+    return None
+  if cfg.data.source == "shakespeare":
+    return shakespeare.corpus_text("train", cfg.data.val_fraction)
+  from gptjax.data import sources
+  src = sources.open_source(cfg.data.source, split="train", data_dir=cfg.data.data_dir or None,
+                            val_fraction=cfg.data.val_fraction)
+  return "".join(src[i][cfg.data.text_field] for i in range(len(src)))
+
+
+def _iterator(cfg, docs, tok, *, seed: int, batch: int):
+  """`windows`: random windows over the token stream (nanoGPT's sampling, with replacement);
+  `packed`: an epoch-aware shuffle of whole documents packed into full rows."""
+  pi, pc = jax.process_index(), jax.process_count()
+  if cfg.data.loader == "windows":
+    return RandomWindows(docs.tokens, seq_len=cfg.data.seq_len, batch_size=batch // pc, seed=seed,
+                         process_index=pi, process_count=pc)
+  if cfg.data.loader == "packed":
+    return PackedLoader(docs, seq_len=cfg.data.seq_len, global_batch=batch, seed=seed,
+                        pad_id=tok.pad_id, mode="stream", process_index=pi, process_count=pc)
+  raise ValueError(f"data.loader: expected 'windows' or 'packed', got {cfg.data.loader!r}")
 
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
-  train_text = corpus(cfg, "train")
-  tok = common.resolve_tokenizer(cfg, workdir, build_char_from=train_text)
+  tok = common.resolve_tokenizer(cfg, workdir, build_char_from=(
+      None if os.path.exists(os.path.join(workdir, "tokenizer.json"))
+      else _train_text_for_char_vocab(cfg)))
   common.fill_vocab_size(cfg, tok)
   env = common.make_env(cfg)
-  train_tokens = np.asarray(tok.encode(train_text), np.int32)
-  val_tokens = np.asarray(tok.encode(corpus(cfg, "validation")), np.int32)
+  cache = os.path.join(workdir, "token_cache")
+  train_docs = documents(cfg, "train", tok, cache_dir=cache)
+  val_docs = documents(cfg, "validation", tok, cache_dir=cache)
   seq, gb = cfg.data.seq_len, cfg.train.batch_size
-  local_b = common.local_batch_size(gb)
-  it = RandomWindows(train_tokens, seq_len=seq, batch_size=local_b, seed=cfg.seed,
-                     process_index=jax.process_index(), process_count=jax.process_count())
-  source = common.LoaderSource(it, env.mesh)
+  source = common.LoaderSource(_iterator(cfg, train_docs, tok, seed=cfg.seed, batch=gb), env.mesh)
   loss_fn = common.bind_loss(cfg)
   eval_step = trainer.make_eval_step(loss_fn, env.model)
 
   def evaluate(state):
     # The same fixed validation windows at every evaluation, so the curve compares like with like.
-    val = RandomWindows(val_tokens, seq_len=seq, batch_size=local_b, seed=cfg.seed + 1,
-                        process_index=jax.process_index(), process_count=jax.process_count())
+    val = _iterator(cfg, val_docs, tok, seed=cfg.seed + 1, batch=gb)
     vs = common.LoaderSource(val, env.mesh)
     ms = [eval_step(state.params, vs.next(), None) for _ in range(cfg.train.eval_batches)]
+    if hasattr(val, "close"):
+      val.close()
     avg = trainer.average_metrics(ms)
     return {"eval/loss": avg["loss"], "eval/ce": avg.get("train/ce", avg["loss"])}
 
