@@ -1,0 +1,215 @@
+"""`gptjax pipeline`: the whole recipe in one command, one workdir per stage.
+
+    gptjax pipeline --config experiments/shakespeare_assistant.py:tiny --workdir runs/demo
+
+Stages run in `cfg.pipeline.stages` order: tokenizer → pretrain → sft → rm_data → reward → ppo,
+with grpo and dpo as optional branches from SFT, then the comparison and the report card. Each
+stage writes `<run>/<stage>/done.json` when it completes; running the command again skips completed
+stages and resumes a partial one from its own checkpoints, so a killed pipeline finishes with the
+same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+
+from gptjax import config as config_lib
+
+ALL_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
+              "compare", "report")
+DONE_FILE = "done.json"
+
+
+def stage_dir(run_dir: str, name: str) -> str:
+  return os.path.join(run_dir, name)
+
+
+def is_done(run_dir: str, name: str) -> bool:
+  return os.path.exists(os.path.join(stage_dir(run_dir, name), DONE_FILE))
+
+
+def read_done(run_dir: str, name: str) -> dict:
+  with open(os.path.join(stage_dir(run_dir, name), DONE_FILE)) as f:
+    return json.load(f)
+
+
+def _mark_done(run_dir: str, name: str, info: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  d = stage_dir(run_dir, name)
+  os.makedirs(d, exist_ok=True)
+  tmp = os.path.join(d, DONE_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(d, DONE_FILE))   # atomic: a kill never leaves a half marker
+
+
+def stage_config(cfg, name: str, run_dir: str, *, init_from: str = ""):
+  """A copy of the stage's sub-config, linked to the run's tokenizer and previous stage."""
+  c = copy.deepcopy(cfg[name])
+  with c.unlocked():
+    c.data.tokenizer = stage_dir(run_dir, "tokenizer")
+    if init_from:
+      c.train.init_from = stage_dir(run_dir, init_from)
+  return c
+
+
+def _set(c, dotted: str, value) -> None:
+  node, parts = c, dotted.split(".")
+  for p in parts[:-1]:
+    node = node[p]
+  if parts[-1] not in node:
+    raise config_lib.ConfigError(f"pipeline: stage config has no field {dotted!r}")
+  with node.unlocked():
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------- the stages --
+
+def _tokenizer(cfg, run_dir, progress):
+  from gptjax.data import sentencepiece_tokenizer, tokenizers
+  from gptjax.data.sources import open_source
+  out = stage_dir(run_dir, "tokenizer")
+  t = cfg.tokenizer
+  if t.kind == "char":
+    from gptjax.data import shakespeare
+    tok = tokenizers.CharTokenizer.from_text(shakespeare.corpus_text("train"))
+    tok.save(out)
+  else:
+    src = open_source("shakespeare:text", split="train")
+    texts = (src[i]["text"] for i in range(len(src)))
+    tok = sentencepiece_tokenizer.train_sentencepiece(texts, vocab_size=t.vocab_size,
+                                                      model_type=t.kind, out_dir=out)
+  return {"vocab_size": tok.vocab_size}
+
+
+def _train_stage(name, init_from=""):
+  def fn(cfg, run_dir, progress):
+    from gptjax.stages import run_stage
+    c = stage_config(cfg, name, run_dir, init_from=init_from)
+    _link(c, name, run_dir)
+    c.lock()
+    res = run_stage(c, stage_dir(run_dir, name), progress=progress)
+    if res.interrupted:
+      return None
+    return {"steps": res.step, **res.timings,
+            "final_metrics": {k: v for k, v in res.last_metrics.items()}}
+  return fn
+
+
+def _link(c, name, run_dir):
+  """Points a stage at the outputs of the stages it reads (beyond init_from)."""
+  if name == "reward":
+    files = _read_json(os.path.join(stage_dir(run_dir, "rm_data"), "files.json"))
+    _set(c, "data.train_source", "preference_jsonl:" + files["train"])
+    _set(c, "data.eval_source", "preference_jsonl:" + files["validation"])
+  if name in ("ppo", "grpo"):
+    _set(c, "rl.reference_workdir", stage_dir(run_dir, "sft"))
+    _set(c, "rl.reward_workdir", stage_dir(run_dir, "reward"))
+  if name == "dpo":
+    files = _read_json(os.path.join(stage_dir(run_dir, "rm_data"), "files.json"))
+    _set(c, "data.train_source", "preference_jsonl:" + files["train"])
+    _set(c, "data.eval_source", "preference_jsonl:" + files["validation"])
+
+
+def _rm_data(cfg, run_dir, progress):
+  from gptjax import rm_data
+  c = stage_config(cfg, "reward", run_dir, init_from="sft")
+  c.lock()
+  out = stage_dir(run_dir, "rm_data")
+  files = rm_data.generate(c, sft_workdir=stage_dir(run_dir, "sft"), out_dir=out)
+  with open(os.path.join(out, "files.json"), "w") as f:
+    json.dump(files, f, indent=2)
+  return {"files": files}
+
+
+def _compare(cfg, run_dir, progress):
+  from gptjax import compare
+  return compare.run(cfg, run_dir)
+
+
+def _report(cfg, run_dir, progress):
+  from gptjax import report
+  path = report.write(run_dir)
+  return {"report": path}
+
+
+STAGE_FNS = {
+    "tokenizer": _tokenizer,
+    "pretrain": _train_stage("pretrain"),
+    "sft": _train_stage("sft", init_from="pretrain"),
+    "rm_data": _rm_data,
+    "reward": _train_stage("reward", init_from="sft"),
+    "ppo": _train_stage("ppo", init_from="sft"),
+    "grpo": _train_stage("grpo", init_from="sft"),
+    "dpo": _train_stage("dpo", init_from="sft"),
+    "compare": _compare,
+    "report": _report,
+}
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def environment() -> dict:
+  dev = jax.devices()[0]
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "platform": dev.platform, "device_kind": dev.device_kind,
+          "device_count": jax.device_count(), "process_count": jax.process_count(),
+          "host": platform.node(), "machine": platform.machine(),
+          "cpu_count": os.cpu_count()}
+
+
+def run(cfg, run_dir: str, *, progress: bool = True) -> int:
+  """Runs the pipeline; returns a process exit code (0 done, 143 interrupted and resumable)."""
+  stages = list(cfg.pipeline.stages)
+  for s in stages:
+    if s not in STAGE_FNS:
+      raise config_lib.ConfigError(f"pipeline.stages: unknown stage {s!r}; expected {ALL_STAGES}")
+  os.makedirs(run_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, "pipeline_config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+    with open(os.path.join(run_dir, "environment.json"), "w") as f:
+      json.dump(environment(), f, indent=2)
+  for name in stages:
+    if is_done(run_dir, name) and name != "report":
+      print(f"[pipeline] {name}: complete, skipping", flush=True)
+      continue
+    print(f"[pipeline] {name}: running", flush=True)
+    t0 = time.time()
+    info = STAGE_FNS[name](cfg, run_dir, progress)
+    if info is None:
+      print(f"[pipeline] {name}: interrupted; run the same command again to resume", flush=True)
+      return 143
+    info["wall_s"] = time.time() - t0
+    _mark_done(run_dir, name, info)
+    print(f"[pipeline] {name}: done in {info['wall_s']:.1f}s", flush=True)
+  return 0
+
+
+def main(argv) -> int:
+  overrides, rest = config_lib.split_argv(argv)
+  p = argparse.ArgumentParser(prog="gptjax pipeline")
+  p.add_argument("--config", required=True, help="path.py:preset")
+  p.add_argument("--workdir", required=True, help="the run directory; one subdirectory per stage")
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(rest)
+  try:
+    cfg = config_lib.load(args.config, overrides)
+    from gptjax import sharding
+    sharding.init_distributed(cfg.distributed)
+    return run(cfg, args.workdir, progress=not args.no_progress)
+  except config_lib.ConfigError as e:
+    print(f"gptjax: config error: {e}", file=sys.stderr)
+    return 2

@@ -1,0 +1,216 @@
+"""The report card: `report.md` plus PNG plots in the run directory.
+
+It reads only what the stages left behind (each stage's metrics.jsonl, eval.json and done.json,
+and the comparison's compare.json), so it can be rebuilt at any time:
+
+    python -m gptjax.report runs/demo
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")       # headless: no display on CI machines or TPU VMs
+import matplotlib.pyplot as plt  # noqa: E402
+
+TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+
+
+def _load_jsonl(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _load_json(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _series(rows, key):
+  pts = [(r["step"], r[key]) for r in rows if key in r]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot_curves(run_dir, stages, keys_by_stage, title, fname, ylabel=None):
+  present = [(s, k) for s in stages for k in keys_by_stage(s)
+             if _series(_load_jsonl(os.path.join(run_dir, s, "metrics.jsonl")), k)[0]]
+  if not present:
+    return None
+  n = len({s for s, _ in present})
+  fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
+  for ax, stage in zip(axes[0], dict.fromkeys(s for s, _ in present)):
+    rows = _load_jsonl(os.path.join(run_dir, stage, "metrics.jsonl"))
+    for s, k in present:
+      if s == stage:
+        x, y = _series(rows, k)
+        ax.plot(x, y, label=k, marker="o" if len(x) < 15 else None, markersize=3)
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+    if ylabel:
+      ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  path = os.path.join(run_dir, fname)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return fname
+
+
+def _loss_keys(stage):
+  return {"pretrain": ["train/loss", "eval/loss"], "sft": ["train/loss", "eval/loss"],
+          "reward": ["train/loss", "eval/loss"], "dpo": ["train/loss", "eval/loss"]}.get(
+              stage, ["train/loss"])
+
+
+def _bar(run_dir, compare, fname):
+  policies = compare.get("policies", {}) if compare else {}
+  names = [n for n in policies if "gold_mean" in policies[n]]
+  if not names:
+    return None
+  means = [policies[n]["gold_mean"] for n in names]
+  errs = [policies[n].get("gold_se", 0.0) for n in names]
+  fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.4))
+  ax.bar(names, means, yerr=errs, capsize=4, color="#4c72b0")
+  ax.axhline(0, color="black", lw=0.8)
+  ax.set_ylabel("gold VADER score (mean ± s.e.)")
+  ax.set_title("Kindness of the replies, by stage")
+  fig.tight_layout()
+  fig.savefig(os.path.join(run_dir, fname), dpi=110)
+  plt.close(fig)
+  return fname
+
+
+def _bon(run_dir, compare, fname):
+  curve = (compare or {}).get("best_of_n")
+  if not curve:
+    return None
+  ns = [int(n) for n in curve["n"]]
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.errorbar(ns, curve["gold_mean"], yerr=curve.get("gold_se"), marker="o", capsize=3,
+              label="gold (VADER)")
+  if "rm_mean" in curve:
+    ax2 = ax.twinx()
+    ax2.plot(ns, curve["rm_mean"], marker="s", color="#dd8452", label="RM score")
+    ax2.set_ylabel("RM score", color="#dd8452")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.set_xlabel("N (samples reranked by the reward model)")
+  ax.set_ylabel("gold score of the chosen reply")
+  ax.set_title("Best-of-N")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(run_dir, fname), dpi=110)
+  plt.close(fig)
+  return fname
+
+
+def _fmt(v, digits=3):
+  if v is None:
+    return "–"
+  if isinstance(v, float):
+    return f"{v:.{digits}f}"
+  return str(v)
+
+
+def write(run_dir: str) -> str:
+  lines = ["# gptjax report card", ""]
+  env = _load_json(os.path.join(run_dir, "environment.json")) or {}
+  compare = _load_json(os.path.join(run_dir, "compare.json"))
+  stages = [s for s in TRAIN_STAGES if os.path.isdir(os.path.join(run_dir, s))]
+  lines += [f"Run directory: `{os.path.abspath(run_dir)}`. Environment: "
+            + ", ".join(f"{k}={v}" for k, v in env.items()), ""]
+  lines += ["The recipe: a base model is pretrained on Shakespeare's plays; supervised finetuning "
+            "(SFT) turns it into an assistant that answers a speech with a reply; a reward model "
+            "(RM) learns which of two replies a labeler (VADER sentiment, with noise) finds kinder; "
+            "reinforcement learning (PPO, and GRPO/DPO as alternatives) then optimises the SFT "
+            "model against the RM, with a KL penalty that keeps it close to SFT. The *gold* score "
+            "is the labeler's own noiseless VADER score, which the RM only approximates.", ""]
+
+  # Results first: what a reader wants to know.
+  if compare and compare.get("policies"):
+    lines += ["## Results on held-out prompts", "",
+              f"{compare.get('num_prompts', '?')} prompts from plays never seen in training.", "",
+              "| model | gold score (mean ± s.e.) | RM score | KL to SFT | distinct-2 | "
+              "ends its turn |", "|---|---|---|---|---|---|"]
+    for name, p in compare["policies"].items():
+      lines.append(f"| {name} | {_fmt(p.get('gold_mean'))} ± {_fmt(p.get('gold_se'))} | "
+                   f"{_fmt(p.get('rm_mean'))} | {_fmt(p.get('kl_to_sft'))} | "
+                   f"{_fmt(p.get('distinct_2'))} | {_fmt(p.get('eos_fraction'), 2)} |")
+    lines.append("")
+    bar = _bar(run_dir, compare, "gold_by_stage.png")
+    if bar:
+      lines += [f"![gold score by stage]({bar})", ""]
+    bon = _bon(run_dir, compare, "best_of_n.png")
+    if bon:
+      lines += ["Best-of-N: sample N replies from SFT and keep the one the RM scores highest. "
+                "If the RM has learned the labeler's preference, the gold score rises with N.", "",
+                f"![best of N]({bon})", ""]
+
+  loss = _plot_curves(run_dir, stages, _loss_keys, "Loss curves", "losses.png", "loss")
+  if loss:
+    lines += ["## Training curves", "", f"![losses]({loss})", ""]
+  rm = _plot_curves(run_dir, ["reward"], lambda s: ["rm/accuracy", "eval/rm/accuracy"],
+                    "Reward model", "rm_accuracy.png", "pairwise accuracy")
+  rm_eval = _load_json(os.path.join(run_dir, "reward", "eval.json"))
+  if rm or rm_eval:
+    lines += ["## Reward model", ""]
+    if rm:
+      lines += [f"![rm accuracy]({rm})", ""]
+    if rm_eval:
+      lines += ["| metric | value |", "|---|---|"]
+      lines += [f"| {k} | {_fmt(v)} |" for k, v in rm_eval.items()
+                if isinstance(v, (int, float))]
+      lines.append("")
+  rl_stages = [s for s in ("ppo", "grpo") if s in stages]
+  rl = _plot_curves(run_dir, rl_stages,
+                    lambda s: ["rl/score", "rl/gold_score", "rl/kl"], "RL curves", "rl.png")
+  if rl:
+    lines += ["## Reinforcement learning", "",
+              "`rl/score` is the RM's (proxy) score, `rl/gold_score` the labeler's, `rl/kl` the KL "
+              "to the SFT reference.", "", f"![rl]({rl})", ""]
+
+  sft_eval = _load_json(os.path.join(run_dir, "sft", "eval.json"))
+  if sft_eval:
+    lines += ["## SFT", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sft_eval.items() if isinstance(v, (int, float))]
+    lines.append("")
+
+  if compare and compare.get("samples"):
+    lines += ["## Samples, side by side", ""]
+    for i, s in enumerate(compare["samples"]):
+      lines += [f"### Prompt {i + 1}", "", "> " + s["prompt"].replace("\n", "\n> "), ""]
+      for name, text in s["replies"].items():
+        lines += [f"**{name}**: " + text.strip().replace("\n", " / "), ""]
+
+  lines += ["## Timings", "", "| stage | wall (s) | compile (s) | steps | tokens/s | MFU |",
+            "|---|---|---|---|---|---|"]
+  for s in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo", "compare"):
+    done = _load_json(os.path.join(run_dir, s, "done.json"))
+    if not done:
+      continue
+    rows = _load_jsonl(os.path.join(run_dir, s, "metrics.jsonl"))
+    tps = [r["perf/tokens_per_sec"] for r in rows if "perf/tokens_per_sec" in r]
+    mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None
+    lines.append(f"| {s} | {_fmt(done.get('wall_s'), 1)} | {_fmt(done.get('compile_s'), 1)} | "
+                 f"{_fmt(done.get('steps'))} | {_fmt(med(tps), 0)} | "
+                 f"{_fmt(None if not mfu else 100 * med(mfu), 2)}{'%' if mfu else ''} |")
+  lines.append("")
+  path = os.path.join(run_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+if __name__ == "__main__":
+  print(write(sys.argv[1]))
