@@ -1,0 +1,453 @@
+"""Stage 3: a Bradley–Terry reward model, initialised from SFT (trunk + a scalar head).
+
+    gptjax train --config experiments/reward.py:tiny --workdir runs/reward \
+        --config.train.init_from=runs/sft
+
+For the RL stage:
+
+    scorer = load_reward_model(workdir)
+    scores = scorer(prompt_ids, completion_ids)     # -> np.ndarray [B] float32
+
+`prompt_ids` and `completion_ids` are B token sequences each (lists, or right-padded 2-D arrays:
+trailing pad ids are dropped). A prompt is what the sampler continued from
+(the chat template's generation prompt, ending at `<|assistant|>`); a completion is what it
+sampled, its `<|end|>` included when it stopped. The score is read at the last real token, with the
+normalisation bias already added, so SFT samples on the training prompts score 0 on average.
+`scorer.score_tokens(tokens [B,T], mask [B,T])` scores fixed-shape arrays without leaving the
+device; `scorer.params`, `scorer.model` and `scorer.tokenizer` are there for anything else.
+
+Data (`data.source`):
+  generated               the default: `gptjax.rm_data.generate` samples K replies per prompt from
+                          the SFT model (`train.init_from`) and ranks them with the VADER labeler
+                          into `<workdir>/preferences/`, once (it is idempotent).
+  preference_jsonl:PATH   your own pairs ({"prompt", "chosen", "rejected"}; optionally the whole
+                          ranking as "responses" + "ranks"); `data.eval_source` names a held-out
+                          file, else `data.val_fraction` of the lines (by hash) are held out.
+
+Normalisation. After training, a bias b is computed so the reward model's scores of the SFT samples
+on the training prompts have mean 0. It is written to `<workdir>/reward_normalization.json`
+(keyed by the checkpoint step it was computed for) and to eval.json, and `load_reward_model` adds
+it to the scalar head's bias. It is kept outside the checkpoint on purpose: folding it into a saved
+step would make a continued run start from other parameters than an uninterrupted one.
+
+Evaluation (eval.json): held-out pairwise accuracy against the noisy labels and against the
+noiseless labeler (pairs whose gold scores differ); Spearman correlation of the reward with the gold
+score over the held-out SFT samples; best-of-N with the reward model on held-out prompts (mean gold
+score of the chosen reply for N = 1 … 16, beside the mean of all samples and the gold oracle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import batches as batches_lib
+from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
+from gptjax import labeler
+from gptjax import model as model_lib
+from gptjax import rm_data
+from gptjax import sharding as shd
+from gptjax import trainer
+from gptjax.data import chat, loader as loader_lib, records, tokenizers
+from gptjax.data.errors import DataError
+from gptjax.losses import reward as reward_loss
+from gptjax.stages import common
+from gptjax.stages import sft as sft_stage
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Preference records -> fixed-shape arrays.
+# --------------------------------------------------------------------------------------------
+
+def read_preferences(path: str) -> list[dict]:
+  """Records {prompt: messages, responses, ranks, scores|None, ended} from a preference JSONL."""
+  out = []
+  for lineno, obj in records.read_jsonl(path):
+    where = f"{path}:{lineno}"
+    if "prompt" not in obj:
+      raise DataError(f"{where}: field 'prompt' is missing; expected a string or a messages list")
+    prompt = obj["prompt"]
+    prompt = chat.as_messages(prompt, where=where) if isinstance(prompt, str) else \
+        chat.validate_messages(prompt, where=where)
+    if "responses" in obj:
+      resp, ranks = obj["responses"], obj.get("ranks")
+      if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(r, str) for r in resp):
+        raise DataError(f"{where}: field 'responses' expected a list of at least 2 strings")
+      if not isinstance(ranks, list) or len(ranks) != len(resp) or \
+          not all(isinstance(r, int) for r in ranks):
+        raise DataError(f"{where}: field 'ranks' expected {len(resp)} integers (higher = "
+                        "preferred), one per response")
+    else:
+      for field in ("chosen", "rejected"):
+        if not isinstance(obj.get(field), str):
+          raise DataError(f"{where}: field '{field}' is missing or not a string")
+      resp, ranks = [obj["chosen"], obj["rejected"]], [1, 0]
+    scores = obj.get("scores")
+    ended = obj.get("ended") or [True] * len(resp)
+    out.append({"prompt": prompt, "responses": resp, "ranks": ranks, "scores": scores,
+                "ended": ended, "response_ids": obj.get("response_ids")})
+  if not out:
+    raise DataError(f"{path}: no preference records")
+  return out
+
+
+def sequence_ids(prompt_ids, completion_ids, *, seq_len: int) -> list[int]:
+  """prompt + completion, cut from the left when longer than `seq_len` so the end is scored."""
+  ids = list(prompt_ids) + list(completion_ids)
+  return ids[-seq_len:]
+
+
+def completions(rec: dict, tok) -> list[list[int]]:
+  """The token ids of a record's replies: the sampled ids when the generator stored them (text
+  does not round-trip when a sample holds special tokens), else the text with `<|end|>` after
+  each reply that ended."""
+  if rec.get("response_ids"):
+    return [list(x) for x in rec["response_ids"]]
+  end = tok.special_ids["<|end|>"]
+  return [tok.encode(t) + ([end] if e else []) for t, e in zip(rec["responses"], rec["ended"])]
+
+
+def to_arrays(recs: list[dict], tok, *, seq_len: int) -> tuple[dict, dict]:
+  """[N,K,T] tokens/positions/mask and [N,K] rank; replies past a record's own K are empty."""
+  k = max(len(r["responses"]) for r in recs)
+  n = len(recs)
+  tokens = np.full((n, k, seq_len), tok.pad_id, np.int32)
+  mask = np.zeros((n, k, seq_len), np.float32)
+  rank = np.zeros((n, k), np.int32)
+  truncated = 0
+  for i, r in enumerate(recs):
+    prompt = chat.render_prompt(r["prompt"], tok)
+    for j, completion in enumerate(completions(r, tok)):
+      ids = sequence_ids(prompt, completion, seq_len=seq_len)
+      truncated += len(prompt) + len(completion) > seq_len
+      tokens[i, j, :len(ids)] = ids
+      mask[i, j, :len(ids)] = 1
+      rank[i, j] = r["ranks"][j]
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
+  arrays = {"tokens": tokens, "positions": positions, "mask": mask, "rank": rank}
+  return arrays, {"records": n, "replies_per_prompt": k, "truncated_sequences": int(truncated)}
+
+
+class RewardSource:
+  """A resumable batch source of RewardBatch rows: epoch-shuffled, sharded across processes."""
+
+  def __init__(self, arrays: dict, *, mesh, global_batch: int, seed: int, shuffle: bool = True):
+    self.arrays, self.mesh, self.seed, self.shuffle = arrays, mesh, seed, shuffle
+    self.n = len(arrays["rank"])
+    self.batch = common.local_batch_size(global_batch)
+    self.state = {"epoch": 0, "index": 0}
+
+  def _shard(self, epoch):
+    return loader_lib.shard_indices(self.n, seed=self.seed, epoch=epoch,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(), shuffle=self.shuffle)
+
+  def next(self, state=None):
+    epoch, index = self.state["epoch"], self.state["index"]
+    picked = []
+    while len(picked) < self.batch:
+      shard = self._shard(epoch)
+      if index >= len(shard):
+        epoch, index = epoch + 1, 0
+        continue
+      take = shard[index:index + self.batch - len(picked)]
+      picked.extend(int(i) for i in take)
+      index += len(take)
+    self.state = {"epoch": epoch, "index": index}
+    local = {k: v[np.asarray(picked)] for k, v in self.arrays.items()}
+    return batches_lib.RewardBatch(**shd.to_global(local, self.mesh))
+
+  def get_state(self) -> dict:
+    return dict(self.state)
+
+  def set_state(self, s: dict) -> None:
+    self.state = {"epoch": int(s["epoch"]), "index": int(s["index"])}
+
+
+def fixed_batches(arrays: dict, batch: int):
+  """The rows in order, in batches of `batch`, the last padded with empty rows (mask 0)."""
+  n = len(arrays["rank"])
+  for start in range(0, n, batch):
+    part = {k: v[start:start + batch] for k, v in arrays.items()}
+    short = batch - len(part["rank"])
+    if short:
+      part = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+              for k, v in part.items()}
+    yield part, batch - short
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring.
+# --------------------------------------------------------------------------------------------
+
+def make_score_fn(model):
+  """Jitted params, tokens [B,T], mask [B,T] -> rewards [B] at the last real token."""
+  @jax.jit
+  def score(params, tokens, mask):
+    batch = batches_lib.RewardBatch(
+        tokens=tokens[:, None], positions=jnp.broadcast_to(
+            jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)[:, None],
+        mask=mask[:, None], rank=jnp.zeros(tokens.shape[:1] + (1,), jnp.int32))
+    return reward_loss.sequence_rewards(params, batch, model=model)[:, 0]
+  return score
+
+
+def score_sequences(score_fn, params, seqs: list[list[int]], *, seq_len: int, pad_id: int,
+                    batch: int = 256) -> np.ndarray:
+  """Rewards of token sequences (each already cut to `seq_len`), in fixed-shape batches."""
+  out = []
+  for start in range(0, len(seqs), batch):
+    chunk = seqs[start:start + batch]
+    tokens = np.full((batch, seq_len), pad_id, np.int32)
+    mask = np.zeros((batch, seq_len), np.float32)
+    for i, s in enumerate(chunk):
+      tokens[i, :len(s)] = s
+      mask[i, :len(s)] = 1
+    out.append(np.asarray(jax.device_get(score_fn(params, tokens, mask)))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+class RewardScorer:
+  """`scorer(prompt_ids, completion_ids) -> scores [B]`; see the module docstring."""
+
+  def __init__(self, model, params, tokenizer, *, seq_len: int, bias: float = 0.0):
+    self.model, self.tokenizer, self.seq_len, self.bias = model, tokenizer, seq_len, bias
+    self.params = add_head_bias(params, bias)
+    self._score = make_score_fn(model)
+
+  def score_tokens(self, tokens, mask):
+    return self._score(self.params, tokens, mask)
+
+  def __call__(self, prompt_ids, completion_ids) -> np.ndarray:
+    pad = self.tokenizer.pad_id
+    seqs = [sequence_ids(_strip_right(p, pad), _strip_right(c, pad), seq_len=self.seq_len)
+            for p, c in zip(prompt_ids, completion_ids)]
+    # Round the width up to a multiple of 16, so a few shapes serve every call.
+    width = min(self.seq_len, -(-max(len(s) for s in seqs) // 16) * 16)
+    return score_sequences(self._score, self.params, seqs, seq_len=width, pad_id=pad,
+                           batch=max(8, 1 << (len(seqs) - 1).bit_length()))
+
+
+def _strip_right(ids, pad: int) -> list[int]:
+  """Drops right padding only: a pad id a sampler drew inside a reply stays, as it was scored."""
+  ids = [int(t) for t in ids]
+  while ids and ids[-1] == pad:
+    ids.pop()
+  return ids
+
+
+def add_head_bias(params, bias: float):
+  if not bias:
+    return params
+  params = dict(params)
+  head = dict(params["scalar_head"])
+  head["bias"] = head["bias"] + jnp.asarray(bias, head["bias"].dtype)
+  params["scalar_head"] = head
+  return params
+
+
+def load_reward_model(workdir: str, step: int | None = None) -> RewardScorer:
+  """The trained reward model of `workdir`, normalised; see the module docstring."""
+  model, params, tok, cfg = ckpt_lib.load_for_inference(workdir, step)
+  bias = 0.0
+  path = os.path.join(workdir, NORMALIZATION_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      bias = float(json.load(f)["bias"])
+  return RewardScorer(model, params, tok, seq_len=int(cfg.model.max_len), bias=bias)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner.
+# --------------------------------------------------------------------------------------------
+
+def preference_files(cfg, workdir: str) -> dict:
+  src = cfg.data.source
+  if src == "generated":
+    if not cfg.train.init_from:
+      raise config_lib.ConfigError("data.source='generated' samples replies from the SFT model: "
+                                   "set train.init_from to the SFT workdir")
+    out_dir = cfg.rm_data.out_dir or os.path.join(workdir, "preferences")
+    return rm_data.generate(cfg, sft_workdir=cfg.train.init_from, out_dir=out_dir)
+  if src.startswith("preference_jsonl:"):
+    path = src.split(":", 1)[1]
+    if cfg.data.eval_source:
+      return {"train": path, "validation": cfg.data.eval_source.split(":", 1)[-1]}
+    return {"train": path, "validation": None}
+  raise config_lib.ConfigError(f"data.source: the reward stage reads 'generated' or "
+                               f"'preference_jsonl:PATH', got {src!r}")
+
+
+def _held_out(recs: list[dict], val_fraction: float):
+  """Splits one file's records by a hash of the prompt, so a prompt never lands on both sides."""
+  def is_val(r):
+    h = hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).digest()
+    return int.from_bytes(h[:8], "big") % 10_000 < int(round(val_fraction * 10_000))
+  val = [r for r in recs if is_val(r)]
+  train = [r for r in recs if not is_val(r)]
+  if not train or not val:
+    raise DataError(f"data.val_fraction={val_fraction} leaves an empty split ({len(train)} train, "
+                    f"{len(val)} validation records); set data.eval_source")
+  return train, val
+
+
+def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
+  os.makedirs(workdir, exist_ok=True)
+  tok = sft_stage.adopt_previous_stage(cfg, workdir, scalar_head=True)
+  if tok is None:
+    if not os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)) and \
+        cfg.data.tokenizer == "char":
+      raise config_lib.ConfigError("train.init_from is empty: a reward model starts from an SFT "
+                                   "workdir, or from a data.tokenizer file")
+    tok = common.resolve_tokenizer(cfg, workdir)
+  common.fill_vocab_size(cfg, tok)
+  with cfg.unlocked():
+    cfg.model.scalar_head = True
+  files = preference_files(cfg, workdir)
+  train_recs = read_preferences(files["train"])
+  if files["validation"]:
+    val_recs = read_preferences(files["validation"])
+  else:
+    train_recs, val_recs = _held_out(train_recs, cfg.data.val_fraction)
+  env = common.make_env(cfg, scalar_head=True)
+  seq, gb = cfg.data.seq_len, cfg.train.batch_size
+  train_arrays, train_counts = to_arrays(train_recs, tok, seq_len=seq)
+  val_arrays, val_counts = to_arrays(val_recs, tok, seq_len=seq)
+  source = RewardSource(train_arrays, mesh=env.mesh, global_batch=gb, seed=cfg.seed)
+  loss_fn = common.bind_loss(cfg)
+  eval_step = trainer.make_eval_step(loss_fn, env.model)
+
+  def evaluate(state):
+    acc = margin = pairs = loss = rows = 0.0
+    for part, real in fixed_batches(val_arrays, gb):
+      if cfg.train.eval_batches and rows >= cfg.train.eval_batches * gb:
+        break
+      m = jax.device_get(eval_step(state.params, batches_lib.RewardBatch(
+          **shd.to_global(part, env.mesh)), None))
+      n = float(m["rm/pairs"])
+      acc, margin, pairs = acc + m["rm/accuracy"] * n, margin + m["rm/margin"] * n, pairs + n
+      loss, rows = loss + float(m["rm/bt_loss"]) * real, rows + real
+    return {"eval/rm_accuracy": float(acc / max(pairs, 1)),
+            "eval/rm_margin": float(margin / max(pairs, 1)), "eval/rm_loss": float(loss / max(rows, 1))}
+
+  init_from = None
+  if cfg.train.init_from:
+    init_from = lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
+  k = train_counts["replies_per_prompt"]
+  result = trainer.train(
+      cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
+      init_params=common.init_params_fn(env.model), init_from=init_from, evaluate=evaluate,
+      tokens_per_step=gb * k * seq,
+      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq), progress=progress)
+  if result.interrupted:
+    return result
+
+  eval_path = os.path.join(workdir, "eval.json")
+  done = sft_stage.read_json(eval_path)
+  if done and done.get("step") == result.step:
+    result.eval = done
+    return result
+  score_fn = make_score_fn(env.model)
+  params = result.state.params
+  report = {"stage": "reward", "step": result.step, "data_source": cfg.data.source,
+            "preference_files": files, "data_train": train_counts, "data_validation": val_counts,
+            "loss": config_lib.loss_kwargs(cfg)}
+  report.update(evaluate(result.state))
+
+  def scores_of(recs):
+    seqs = []
+    for r in recs:
+      prompt = chat.render_prompt(r["prompt"], tok)
+      seqs += [sequence_ids(prompt, c, seq_len=seq) for c in completions(r, tok)]
+    raw = score_sequences(score_fn, params, seqs, seq_len=seq, pad_id=tok.pad_id)
+    return raw
+
+  # Normalisation over the training prompts' replies (for generated data: SFT samples).
+  raw_train = scores_of(train_recs)
+  bias = -float(np.mean(raw_train))
+  norm = {"bias": bias, "checkpoint_step": result.step, "raw_mean": float(np.mean(raw_train)),
+          "raw_std": float(np.std(raw_train)), "replies": int(len(raw_train))}
+  if jax.process_index() == 0:
+    sft_stage.write_json(os.path.join(workdir, NORMALIZATION_FILE), norm)
+  report["normalization"] = norm
+  report.update(held_out_report(val_recs, scores_of(val_recs) + bias))
+  if cfg.data.source == "generated" and cfg.reward.best_of_n_prompts:
+    report["best_of_n"] = best_of_n(cfg, env.model, add_head_bias(params, bias), tok, score_fn)
+  if jax.process_index() == 0:
+    sft_stage.write_json(eval_path, report)
+  msg = (f"[{workdir}] RM eval: held-out accuracy {report['accuracy_noisy']:.1%} vs noisy labels"
+         + (f", {report['accuracy_noiseless']:.1%} vs the noiseless labeler, Spearman "
+            f"{report['spearman_gold']:.3f}" if report.get("accuracy_noiseless") is not None
+            else ""))
+  if "best_of_n" in report:
+    msg += "; best-of-N gold " + ", ".join(f"N={n}: {v:.3f}" for n, v in
+                                           report["best_of_n"]["mean_gold"].items())
+  print(msg, flush=True)
+  result.eval = report
+  return result
+
+
+def held_out_report(recs: list[dict], flat_scores: np.ndarray) -> dict:
+  """Pairwise accuracy vs the noisy ranks and (with gold scores) vs the noiseless labeler, and
+  the Spearman correlation of reward with gold."""
+  from scipy import stats
+  noisy = noisy_n = clean = clean_n = 0
+  at, golds, rewards = 0, [], []
+  for r in recs:
+    k = len(r["responses"])
+    s = flat_scores[at:at + k]
+    at += k
+    for i, j in zip(*reward_loss.pair_indices(k)):
+      if r["ranks"][i] != r["ranks"][j]:
+        noisy_n += 1
+        noisy += bool((s[i] > s[j]) == (r["ranks"][i] > r["ranks"][j]))
+      if r["scores"] is not None and r["scores"][i] != r["scores"][j]:
+        clean_n += 1
+        clean += bool((s[i] > s[j]) == (r["scores"][i] > r["scores"][j]))
+    if r["scores"] is not None:
+      golds += list(r["scores"])
+      rewards += [float(x) for x in s]
+  out = {"accuracy_noisy": noisy / max(noisy_n, 1), "pairs_noisy": noisy_n,
+         "accuracy_noiseless": clean / clean_n if clean_n else None,
+         "pairs_noiseless": clean_n, "spearman_gold": None,
+         "held_out_reward_mean": float(np.mean(flat_scores))}
+  if len(golds) > 2 and np.std(golds) > 0 and np.std(rewards) > 0:
+    out["spearman_gold"] = float(stats.spearmanr(rewards, golds).statistic)
+  return out
+
+
+def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16)) -> dict:
+  """Mean gold score of the reply the reward model picks among the first N SFT samples per
+  held-out prompt, for each N (the same samples for every N, so the curve is paired)."""
+  r = cfg.reward
+  n_max = max(ns)
+  prompts = rm_data.prompt_set(cfg, "validation", r.best_of_n_prompts, seed_offset=3)
+  sft_model, sft_params, _, sft_cfg = ckpt_lib.load_for_inference(cfg.train.init_from)
+  ids, _ = sft_stage.fit_prompts(prompts, tok, max_len=sft_cfg.model.max_len,
+                                 reply_tokens=cfg.sft.reply_tokens)
+  repeated = [p for p in ids for _ in range(n_max)]
+  replies, _ = sft_stage.sample_replies(
+      sft_model, sft_params, tok, repeated, seed=cfg.seed + 11,
+      max_new_tokens=cfg.sft.reply_tokens, temperature=cfg.rm_data.temperature,
+      top_k=cfg.rm_data.top_k, batch_size=cfg.rm_data.batch_size)
+  gold = labeler.gold_score([chat.parse_reply(x, tok) for x in replies]).reshape(len(ids), n_max)
+  seqs = [sequence_ids(p, x, seq_len=cfg.data.seq_len) for p, x in zip(repeated, replies)]
+  rm = score_sequences(score_fn, params, seqs, seq_len=cfg.data.seq_len,
+                       pad_id=tok.pad_id).reshape(len(ids), n_max)
+  out = {"prompts": len(ids), "mean_gold": {}, "oracle_gold": {}, "mean_reward": {}}
+  rows = np.arange(len(ids))
+  for n in ns:
+    pick = np.argmax(rm[:, :n], axis=1)
+    out["mean_gold"][str(n)] = float(np.mean(gold[rows, pick]))
+    out["oracle_gold"][str(n)] = float(np.mean(np.max(gold[:, :n], axis=1)))
+    out["mean_reward"][str(n)] = float(np.mean(rm[rows, pick]))
+  out["sample_mean_gold"] = float(np.mean(gold))
+  return out

@@ -1,0 +1,99 @@
+"""Shared test setup: a persistent XLA compilation cache, and running helper scripts as children.
+
+Most of a tiny model's test time on CPU is XLA compilation, and many tests (and their child
+processes) compile the very same programs. One compilation cache per pytest session, shared with
+every child through the environment, turns those repeats into disk reads. A cache hit returns the
+executable XLA would have built, so no result depends on it; a fresh session starts it empty.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
+# Set before jax is imported anywhere, so this process and every child read the same settings.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPERS = os.path.join(REPO, "tests", "helpers")
+# The helper modules (e.g. tiny_training) are shared by the tests and the child scripts.
+sys.path.insert(0, HELPERS)
+MICRO = os.path.join(REPO, "experiments", "shakespeare_char.py") + ":micro"
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def child_env(num_devices: int | None = None, **extra) -> dict:
+  """The environment for a child Python: this checkout importable, and optionally N fake CPUs."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env["JAX_PLATFORMS"] = "cpu"
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if num_devices:
+    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def run_helper(script: str, *args, num_devices: int | None = None, timeout: float = 300,
+               env_extra: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs tests/helpers/<script> in a child; fails the test with its output if it fails."""
+  cmd = [sys.executable, os.path.join(HELPERS, script), *map(str, args)]
+  proc = subprocess.run(cmd, env=child_env(num_devices, **(env_extra or {})), cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    pytest.fail(f"{script} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                f"\n--- stderr\n{proc.stderr[-4000:]}")
+  return proc
+
+
+_PLAYS = []
+
+
+def _cache_plays(monkeypatch):
+  from gptjax.data import shakespeare
+  real = shakespeare.load_plays
+
+  def load_plays():
+    if not _PLAYS:
+      _PLAYS.extend(real())
+    return list(_PLAYS)
+  monkeypatch.setattr(shakespeare, "load_plays", load_plays)
+
+
+@pytest.fixture
+def cached_corpus(monkeypatch):
+  """The real Shakespeare plays, parsed once per session instead of several times per run
+  (parsing costs seconds; the tests that use this exercise the trainer, not the parser)."""
+  _cache_plays(monkeypatch)
+
+
+def run_micro(workdir: str, *overrides: str, progress: bool = False):
+  """The micro preset's pretraining stage, in this process."""
+  from gptjax import config as config_lib
+  from gptjax.stages import pretrain
+  return pretrain.run(config_lib.load(MICRO, list(overrides)), workdir, progress=progress)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+  """One micro pretraining run (20 steps, evals and checkpoints at 10 and 20), shared by the
+  tests that only read what a finished run leaves behind."""
+  workdir = str(tmp_path_factory.mktemp("micro_run"))
+  with pytest.MonkeyPatch.context() as mp:
+    _cache_plays(mp)
+    result = run_micro(workdir, "train.steps=20", "train.eval_every=10",
+                       "train.checkpoint_every=10", "train.log_every=5")
+  return workdir, result
