@@ -49,7 +49,11 @@ class ModelConfig:
   remat: str = "none"               # none | full | dots (save matmul outputs, recompute the rest)
   dropout_rate: float = 0.0
   scalar_head: bool = False         # a D→1 head on the final hidden states (reward / value)
-  attention_impl: str | None = None  # None lets JAX choose; "cudnn" forces the fused GPU kernel
+  attention_impl: str | None = None  # None: "einsum" on CPU, else JAX's choice; "cudnn" forces
+                                     # the fused GPU kernel; "einsum" is hand-written softmax
+                                     # attention (measured faster on CPU: benchmarks/RESULTS.md)
+  scan_unroll: int = 0              # layers per iteration of the scan over layers; 0 unrolls all
+                                    # (measured ~10% faster on CPU than a rolled loop)
 
   def resolved(self) -> "ModelConfig":
     """Fills variant defaults, so the rest of the code reads concrete values."""
@@ -92,6 +96,10 @@ class ModelConfig:
       bad("dtype", f"expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
     if self.param_dtype not in _DTYPES:
       bad("param_dtype", f"expected one of {sorted(_DTYPES)}, got {self.param_dtype!r}")
+    if self.attention_impl not in (None, "xla", "cudnn", "einsum"):
+      bad("attention_impl", f"expected None, xla, cudnn or einsum, got {self.attention_impl!r}")
+    if self.scan_unroll < 0:
+      bad("scan_unroll", f"must be >= 0 (0 unrolls every layer), got {self.scan_unroll}")
     if self.remat not in ("none", "full", "dots"):
       bad("remat", f"expected none, full or dots, got {self.remat!r}")
     for f in ("vocab_size", "num_layers", "num_heads", "d_model", "max_len"):
@@ -155,6 +163,75 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
+@jax.custom_vjp
+def gelu_tanh(x):
+  """GPT-2's tanh-approximate GELU, the same function as `nn.gelu(x, approximate=True)`.
+
+  Autodiff of that expression differentiates x³ and tanh separately and keeps several
+  intermediates; this backward reuses the forward's tanh and needs one fused elementwise pass.
+  """
+  return _gelu_tanh_fwd(x)[0]
+
+
+_GELU_C = 0.7978845608028654      # sqrt(2 / pi)
+
+
+def _gelu_tanh_fwd(x):
+  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  return 0.5 * x * (1 + t), (x, t)
+
+
+def _gelu_tanh_bwd(res, g):
+  x, t = res
+  du = _GELU_C * (1 + 3 * 0.044715 * x * x)
+  return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+@jax.custom_vjp
+def einsum_attention(q, k, v, mask):
+  """Softmax attention: q [B,T,N,K], k and v [B,S,M,K] (M divides N), boolean mask [B,1,T,S].
+
+  The backward is written out from the saved probabilities P: dS = P·(dP − rowsum(dO·O)), the
+  usual softmax identity, so it never recomputes the exponentials or re-applies the mask.
+  """
+  return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+  b, t, n, d = q.shape
+  m = k.shape[2]
+  qg = q.reshape(b, t, m, n // m, d)                       # query heads grouped by their kv head
+  s = jnp.einsum("btmgd,bsmd->bmgts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+  s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+  s = s - jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s)
+  p = e / jnp.sum(e, axis=-1, keepdims=True)               # [B,M,G,T,S] float32
+  out = jnp.einsum("bmgts,bsmd->btmgd", p.astype(v.dtype), v).reshape(b, t, n, d)
+  return out, (q, k, v, mask, p, out)
+
+
+def _attention_bwd(res, g_out):
+  q, k, v, mask, p, out = res
+  b, t, n, d = q.shape
+  m = k.shape[2]
+  qg, gg = q.reshape(b, t, m, n // m, d), g_out.reshape(b, t, m, n // m, d)
+  dv = jnp.einsum("bmgts,btmgd->bsmd", p.astype(v.dtype), gg)
+  dp = jnp.einsum("btmgd,bsmd->bmgts", gg, v, preferred_element_type=jnp.float32)
+  # rowsum(dP·P) equals rowsum(dO·O) per query, which is a [B,T,N] reduction instead of [.,T,S].
+  delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = delta.reshape(b, t, m, n // m).transpose(0, 2, 3, 1)[..., None]      # [B,M,G,T,1]
+  ds = (p * (dp - delta) * d ** -0.5).astype(q.dtype)
+  dq = jnp.einsum("bmgts,bsmd->btmgd", ds, k).reshape(b, t, n, d)
+  dk = jnp.einsum("bmgts,btmgd->bsmd", ds, qg)
+  return dq, dk, dv, None
+
+
+einsum_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
@@ -197,7 +274,13 @@ class Attention(nn.Module):
     causal = kv_slots[None, :] <= q_slots[:, None]                                # [T,S]
     same = segment_ids[:, :, None] == kv_seg[:, None, :]                          # [B,T,S]
     mask = (causal[None] & same)[:, None]                                         # [B,1,T,S]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+    impl = cfg.attention_impl
+    if impl is None and jax.default_backend() == "cpu":
+      impl = "einsum"
+    if impl == "einsum":
+      out = einsum_attention(q, k, v, mask)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="out",
@@ -227,7 +310,7 @@ class MLP(nn.Module):
     else:
       h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc")(x)
       if cfg.activation == "gelu_tanh":
-        h = nn.gelu(h, approximate=True)
+        h = gelu_tanh(h)
       elif cfg.activation == "gelu":
         h = nn.gelu(h, approximate=False)
       else:
@@ -292,6 +375,7 @@ class GPT(nn.Module):
       block = nn.remat(Block, policy=policy, prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                    unroll=cfg.scan_unroll or cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, new_layer_caches = stack(cfg, deterministic, name="blocks")(
         x, layer_caches, (positions, segment_ids, cache_segment_ids, cache_index))

@@ -1,0 +1,165 @@
+"""`gptjax sample` and `gptjax chat`: sampling from a trained workdir on the command line.
+
+    gptjax sample --workdir W --prompt "ROMEO:" --temperature 0.8 --top_k 40 --top_p 0.95 \
+        --min_p 0 --num_samples 3 --max_new_tokens 200 --seed 0
+    gptjax chat --workdir W            # a REPL through the chat template; replies stream
+
+Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and call
+`sampling.generate` / `sampling.stream`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+def _add_controls(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int):
+  p.add_argument("--workdir", required=True, help="a training workdir (config.json, checkpoints, "
+                 "tokenizer)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+  p.add_argument("--top_k", type=int, default=0, help="0 = off")
+  p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+  p.add_argument("--min_p", type=float, default=0.0, help="0 = off")
+  p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
+  p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+  p.add_argument("--seed", type=int, default=0)
+
+
+def _controls(args) -> dict:
+  return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty)
+
+
+def _load(workdir: str, step):
+  from gptjax import checkpoint
+  return checkpoint.load_for_inference(workdir, step)
+
+
+def _fit_new_tokens(model, prompt_len: int, requested: int) -> int:
+  """Learned positions cap prompt + completion at max_len; shorten the completion to fit."""
+  cfg = model.cfg.resolved()
+  if cfg.positional != "learned":
+    return requested
+  room = cfg.max_len - prompt_len
+  if room <= 0:
+    raise SystemExit(f"gptjax: the prompt is {prompt_len} tokens; the model's window is "
+                     f"{cfg.max_len}")
+  return min(requested, room)
+
+
+def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write) -> int:
+  p = argparse.ArgumentParser(prog="gptjax sample", description="Sample continuations of a prompt.")
+  _add_controls(p, temperature=0.8, max_new_tokens=200)
+  p.add_argument("--prompt", default="", help="text to continue (empty: from BOS alone)")
+  p.add_argument("--num_samples", type=int, default=1)
+  p.add_argument("--chat", action="store_true",
+                 help="render the prompt as a user turn through the chat template")
+  p.add_argument("--no_bos", action="store_true", help="do not start the prompt with BOS")
+  p.add_argument("--stop", action="append", default=[],
+                 help="a string that ends a sample (repeatable)")
+  args = p.parse_args(argv)
+
+  import numpy as np
+  from gptjax import prompting, sampling
+
+  model, params, tok, _ = _load(args.workdir, args.step)
+  if args.chat:
+    from gptjax.data import chat
+    ids = chat.render_prompt(args.prompt, tok)
+    eos = tuple(chat.reply_stop_ids(tok))
+  else:
+    ids = ([] if args.no_bos else [tok.bos_id]) + prompting.encode_with_specials(tok, args.prompt)
+    eos = (tok.eos_id,)
+  if not ids:
+    raise SystemExit("gptjax sample: empty prompt; pass --prompt or drop --no_bos")
+  new = _fit_new_tokens(model, len(ids), args.max_new_tokens)
+  prompts = np.tile(np.asarray(ids, np.int32)[None], (args.num_samples, 1))
+  lengths = np.full((args.num_samples,), len(ids), np.int32)
+  stops = tuple(tuple(prompting.encode_with_specials(tok, s)) for s in args.stop if s)
+  out = sampling.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
+                          eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id, **_controls(args))
+  completion, lengths = np.asarray(out.completion), np.asarray(out.lengths)
+  for i in range(args.num_samples):
+    text = tok.decode([t for t in completion[i, :lengths[i]] if t not in eos])
+    text = prompting.truncate_at_stop(text, args.stop)
+    write(f"--- sample {i + 1}/{args.num_samples}\n{args.prompt}{text}\n")
+  return 0
+
+
+CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets a system message, /quit"
+
+
+def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
+              write: Callable[[str], object] = None) -> int:
+  """An interactive chat. Each reply is sampled token by token (`sampling.stream`) and printed as
+  it comes; the conversation is re-rendered through the chat template every turn, dropping the
+  oldest turns when it no longer fits the model's window."""
+  p = argparse.ArgumentParser(prog="gptjax chat", description="Chat with a trained model.")
+  _add_controls(p, temperature=0.7, max_new_tokens=256)
+  p.add_argument("--system", default="", help="a system message to start with")
+  args = p.parse_args(argv)
+  if write is None:
+    def write(s):
+      sys.stdout.write(s)
+      sys.stdout.flush()
+
+  import jax
+  from gptjax import sampling
+  from gptjax.data import chat
+
+  model, params, tok, _ = _load(args.workdir, args.step)
+  cfg = model.cfg.resolved()
+  eos = tuple(chat.reply_stop_ids(tok))
+  system = [{"role": "system", "content": args.system}] if args.system else []
+  history: list[dict] = []
+  key = jax.random.key(args.seed)
+  write(f"{CHAT_HELP}\n")
+  turn = 0
+  while True:
+    try:
+      line = read_line("you> ")
+    except (EOFError, KeyboardInterrupt):
+      write("\n")
+      return 0
+    text = line.strip()
+    if not text:
+      continue
+    if text == "/quit":
+      return 0
+    if text == "/reset":
+      history = []
+      continue
+    if text.startswith("/system"):
+      content = text[len("/system"):].strip()
+      system = [{"role": "system", "content": content}] if content else []
+      continue
+    history.append({"role": "user", "content": line})
+    new = args.max_new_tokens
+    if cfg.positional == "learned":
+      new = min(new, cfg.max_len // 2)
+    while True:
+      ids = chat.render_prompt(system + history, tok)
+      if cfg.positional != "learned" or len(ids) + new <= cfg.max_len or len(history) <= 1:
+        break
+      history = history[2:] if len(history) > 2 else history[1:]   # oldest exchange goes first
+    if cfg.positional == "learned" and len(ids) + new > cfg.max_len:
+      ids = ids[-(cfg.max_len - new):]                             # a single over-long message
+    write("model> ")
+    reply_ids: list[int] = []
+    shown = ""
+    for token in sampling.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
+                                 max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id,
+                                 **_controls(args)):
+      if token in eos:
+        break
+      reply_ids.append(token)
+      # Decode the whole reply each time: subword pieces can change how earlier text renders.
+      now = tok.decode(reply_ids)
+      write(now[len(shown):] if now.startswith(shown) else "\n" + now)
+      shown = now
+    write("\n")
+    history.append({"role": "assistant", "content": chat.parse_reply(reply_ids, tok)})
+    turn += 1

@@ -1,0 +1,126 @@
+"""Policy-gradient losses over a `RolloutBatch`: PPO (clipped policy + clipped value loss) and
+GRPO (clipped policy with separate low/high bounds + k3 KL to the reference).
+
+Both recompute log π of the sampled tokens with a plain forward at the sampling temperature
+(`token_logprobs`, the path the sampler and the reference use), so on the first minibatch of an
+iteration the ratio is 1 and the clip fraction 0. Dropout is always off: a dropout mask would make
+π_θ differ from the π_old the rollouts were scored with, so the ratio would not start at 1.
+
+The rollout's rewards, reference log-probs, old values and advantages are inputs (computed outside
+the step by `gptjax.rl.rollout`); these losses only differentiate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gptjax.losses import common, register
+
+AGGREGATIONS = ("seq_mean", "token_mean", "dr_grpo")
+
+
+def policy_forward(model, params, batch, *, temperature: float):
+  """(log π(targets) [B,T], entropy [B,T], values [B,T] or None) at the sampling temperature."""
+  out = model.apply({"params": params}, batch.inputs, positions=batch.positions,
+                    segment_ids=batch.segment_ids, deterministic=True)
+  logp = common.token_logprobs(out.logits, batch.targets, temperature=temperature)
+  # Entropy is a diagnostic: no gradient, and it reuses logp's normaliser instead of a second
+  # log-softmax over [B,T,V] (the largest arrays in the step).
+  logits = jax.lax.stop_gradient(out.logits.astype(jnp.float32) / temperature)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.exp(logits - logz[..., None])
+  ent = logz - jnp.sum(probs * logits, axis=-1)
+  return logp, ent, out.values
+
+
+def _ratio_stats(logp, old_logp, mask, *, low: float, high: float):
+  log_ratio = (logp - old_logp) * mask
+  ratio = jnp.exp(log_ratio)
+  clipped = (ratio < 1.0 - low) | (ratio > 1.0 + high)
+  return ratio, {
+      "rl/approx_kl": common.masked_mean(0.5 * jnp.square(log_ratio), mask),
+      "rl/clipfrac": common.masked_mean(clipped.astype(jnp.float32), mask),
+      "rl/ratio_mean": common.masked_mean(ratio, mask),
+  }
+
+
+def aggregate(per_token, mask, *, mode: str, max_len: int | None = None):
+  """Reduces a per-token loss [B,T] over `mask`:
+    seq_mean   mean over sequences of each sequence's token mean (GRPO as published); rows with
+               no tokens (filtered groups) count for nothing
+    token_mean sum over all tokens / number of tokens (DAPO): long answers weigh more
+    dr_grpo    sum over all tokens / (B · max_len) (Dr. GRPO): a constant normaliser, so neither
+               length nor batch composition rescales a token's gradient
+  """
+  mask = mask.astype(jnp.float32)
+  if mode == "seq_mean":
+    n_tok = mask.sum(axis=1)
+    per_seq = jnp.sum(per_token * mask, axis=1) / jnp.maximum(n_tok, 1.0)
+    n_seq = jnp.sum((n_tok > 0).astype(jnp.float32))
+    return jnp.sum(per_seq) / jnp.maximum(n_seq, 1.0)
+  if mode == "token_mean":
+    return jnp.sum(per_token * mask) / jnp.maximum(mask.sum(), 1.0)
+  if mode == "dr_grpo":
+    length = per_token.shape[1] if max_len is None else max_len
+    return jnp.sum(per_token * mask) / (per_token.shape[0] * length)
+  raise ValueError(f"loss.aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
+
+
+@register("ppo")
+def ppo(params, batch, *, frozen=None, rng=None, model, temperature: float = 1.0,
+        clip_eps: float = 0.2, value_clip_eps: float = 0.2, vf_coef: float = 0.1,
+        entropy_coef: float = 0.0):
+  """InstructGPT-style PPO: −min(ρA, clip(ρ, 1±ε)A) token mean + vf_coef · clipped value loss.
+
+  The KL penalty is already in the rewards behind `batch.advantages`. Needs a model that returns
+  values (a scalar head on the policy, or `rl.rollout.ActorCritic`).
+  """
+  del frozen, rng
+  mask = batch.completion_mask.astype(jnp.float32)
+  logp, ent, values = policy_forward(model, params, batch, temperature=temperature)
+  if values is None:
+    raise ValueError("loss 'ppo' needs a value model: set model.scalar_head=True or "
+                     "rl.value_model='critic'")
+  ratio, metrics = _ratio_stats(logp, batch.old_logp, mask, low=clip_eps, high=clip_eps)
+  adv = batch.advantages
+  pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
+  pg_loss = common.masked_mean(pg, mask)
+
+  v_clipped = batch.values + jnp.clip(values - batch.values, -value_clip_eps, value_clip_eps)
+  vf = jnp.maximum(jnp.square(values - batch.returns), jnp.square(v_clipped - batch.returns))
+  vf_loss = 0.5 * common.masked_mean(vf, mask)
+  entropy = common.masked_mean(ent, mask)
+  loss = pg_loss + vf_coef * vf_loss - entropy_coef * entropy
+  metrics.update({
+      "rl/policy_loss": pg_loss, "rl/value_loss": vf_loss, "rl/entropy": entropy,
+      "rl/value_clipfrac": common.masked_mean(
+          (jnp.abs(values - batch.values) > value_clip_eps).astype(jnp.float32), mask),
+  })
+  return loss, metrics
+
+
+@register("grpo")
+def grpo(params, batch, *, frozen=None, rng=None, model, temperature: float = 1.0,
+         clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, kl_coef: float = 0.04,
+         aggregation: str = "seq_mean", max_len: int | None = None):
+  """GRPO (Shao et al., 2024): per token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) + β·k3(π, π_ref),
+  reduced by `aggregation`. `batch.advantages` holds each sequence's group-normalised advantage
+  on its completion tokens; rows of filtered groups have an all-zero completion mask."""
+  del frozen, rng
+  mask = batch.completion_mask.astype(jnp.float32)
+  logp, ent, _ = policy_forward(model, params, batch, temperature=temperature)
+  ratio, metrics = _ratio_stats(logp, batch.old_logp, mask, low=clip_eps_low, high=clip_eps_high)
+  adv = batch.advantages
+  pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
+  # k3 = exp(ref − logp) − (ref − logp) − 1: unbiased for KL(π‖π_ref), never negative.
+  d = batch.ref_logp - logp
+  kl = jnp.expm1(d) - d
+  per_token = pg + kl_coef * kl
+  loss = aggregate(per_token, mask, mode=aggregation, max_len=max_len)
+  metrics.update({
+      "rl/policy_loss": aggregate(pg, mask, mode=aggregation, max_len=max_len),
+      "rl/kl_loss": common.masked_mean(kl, mask),
+      "rl/entropy": common.masked_mean(ent, mask),
+  })
+  return loss, metrics

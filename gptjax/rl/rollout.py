@@ -1,0 +1,484 @@
+"""RL rollouts as a trainer batch source: sample from the current policy, score, compute reference
+log-probs, values and advantages, then hand out shuffled minibatches for K epochs.
+
+    source = RolloutSource(model=..., ref_params=..., prompts=..., scorer=..., cfg=RolloutConfig(...))
+    trainer.train(cfg, source=source, loss_fn=<ppo or grpo>, ...)
+
+One iteration = one rollout batch (prompts_per_iteration × group_size completions) followed by
+`epochs × rollout_batch / minibatch_size` train steps. Everything here is forward-only and runs
+outside the jitted update: the sampler, the reward (an RM forward or a Python function on text),
+the policy / reference / value forwards (`token_logprobs` at the sampling temperature, the same path
+as the loss, so the first minibatch has ratio 1 and identical parameters have KL 0), GAE or group
+advantages.
+
+Exact resume. The source's JSON state is (iteration, minibatch, KL controller, score normaliser).
+Each iteration's prompts and sampling key are functions of (seed, iteration) alone, and
+`checkpoint_safe()` is False while an iteration's rollouts are held, so checkpoints land on
+iteration boundaries and a resumed run regenerates exactly the rollouts it would have made.
+
+What does not live here: the losses (`losses/policy.py`), advantage math (`advantages.py`), KL
+estimators and β controllers (`kl.py`), stage wiring and evaluation (`stages/rl.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import batches as batches_lib
+from gptjax import sampling
+from gptjax import sharding as shd
+from gptjax.losses.common import token_logprobs
+from gptjax.model import GPT, ModelConfig, ModelOutput
+from gptjax.rl import advantages as adv_lib
+from gptjax.rl import kl as kl_lib
+
+
+# --------------------------------------------------------------------------------------------
+# Models: the policy with a value head, or a policy and a separate critic.
+# --------------------------------------------------------------------------------------------
+
+class ActorCritic(nn.Module):
+  """A policy GPT and a critic GPT (scalar head, e.g. initialised from the RM) side by side.
+
+  Params are {'policy': ..., 'critic': ...}. Returns the policy's ModelOutput with the critic's
+  values in `values`, so the PPO loss reads either layout the same way.
+  """
+  policy_cfg: ModelConfig
+  critic_cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs, positions=None, segment_ids=None, *, deterministic: bool = True,
+               compute_logits: bool = True) -> ModelOutput:
+    out = GPT(self.policy_cfg, name="policy")(inputs, positions, segment_ids,
+                                              deterministic=deterministic,
+                                              compute_logits=compute_logits)
+    critic = GPT(dataclasses.replace(self.critic_cfg, scalar_head=True), name="critic")(
+        inputs, positions, segment_ids, deterministic=deterministic, compute_logits=False)
+    return out.replace(values=critic.values)
+
+
+def policy_view(model, params):
+  """(GPT module, its params) of the policy alone: what the sampler and the reference run."""
+  if isinstance(model, ActorCritic):
+    return GPT(model.policy_cfg), params["policy"]
+  return model, params
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards: a Python function of text, or a reward model.
+# --------------------------------------------------------------------------------------------
+
+def _contains(word: str):
+  def fn(prompts, completions):
+    del prompts
+    return np.asarray([float(word.lower() in c.lower()) for c in completions], np.float32)
+  return fn
+
+
+def _char_fraction(char: str):
+  def fn(prompts, completions):
+    del prompts
+    return np.asarray([c.count(char) / max(len(c), 1) for c in completions], np.float32)
+  return fn
+
+
+def _gold(prompts, completions):
+  del prompts
+  from gptjax import labeler
+  return np.asarray(labeler.gold_score(list(completions)), np.float32)
+
+
+def make_reward_fn(spec: str) -> Callable:
+  """A `reward_fn(prompt_texts, completion_texts) -> np.ndarray [B]` from a config string:
+    gold                  the VADER labeler (the experiment's ground truth; over-optimisation
+                          runs train on the RM and only log this)
+    contains:WORD         1 if the completion contains WORD (case-insensitive), else 0
+    char_fraction:C       fraction of the completion's characters equal to C
+    python:MODULE:FN      any importable function with that signature
+  """
+  kind, _, arg = spec.partition(":")
+  if kind == "gold":
+    return _gold
+  if kind == "contains" and arg:
+    return _contains(arg)
+  if kind == "char_fraction" and len(arg) == 1:
+    return _char_fraction(arg)
+  if kind == "python" and ":" in arg:
+    module, _, name = arg.rpartition(":")
+    return getattr(importlib.import_module(module), name)
+  raise ValueError(f"rl.reward: unknown reward {spec!r}; expected 'rm', 'gold', 'contains:WORD', "
+                   "'char_fraction:C' or 'python:MODULE:FN'")
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _rm_forward(model, params, tokens, total_lengths):
+  t = tokens.shape[1]
+  real = (jnp.arange(t)[None, :] < total_lengths[:, None]).astype(jnp.int32)
+  out = model.apply({"params": params}, tokens, segment_ids=real, compute_logits=False)
+  # The score is read at the last real token, the same helper rule the RM was trained with.
+  last = jnp.maximum(total_lengths - 1, 0)
+  return jnp.take_along_axis(out.values, last[:, None], axis=1)[:, 0]
+
+
+class RewardModelScorer:
+  """Scores full sequences (prompt + completion) with a reward model's scalar head."""
+
+  def __init__(self, model, params):
+    if not model.cfg.scalar_head:
+      model = GPT(dataclasses.replace(model.cfg, scalar_head=True))
+    self.model, self.params = model, params
+
+  def __call__(self, *, tokens, total_lengths, prompt_texts=None, completion_texts=None):
+    return np.asarray(_rm_forward(self.model, self.params, tokens, total_lengths), np.float32)
+
+
+class TokenScorer:
+  """Adapts an object with `score_tokens(tokens [B,T], mask [B,T]) -> [B]` (the reward stage's
+  `RewardScorer`, normalisation included) to the scorer interface."""
+
+  def __init__(self, rm):
+    self.rm = rm
+
+  def __call__(self, *, tokens, total_lengths, prompt_texts=None, completion_texts=None):
+    mask = (jnp.arange(tokens.shape[1])[None, :] < total_lengths[:, None]).astype(jnp.int32)
+    return np.asarray(self.rm.score_tokens(tokens, mask), np.float32)
+
+
+class TextScorer:
+  """Adapts `reward_fn(prompt_texts, completion_texts)` to the scorer interface."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, *, tokens=None, total_lengths=None, prompt_texts, completion_texts):
+    scores = np.asarray(self.fn(list(prompt_texts), list(completion_texts)), np.float32)
+    if scores.shape != (len(completion_texts),):
+      raise ValueError(f"reward function returned shape {scores.shape}; expected "
+                       f"({len(completion_texts)},)")
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# Forward-only pieces of an iteration.
+# --------------------------------------------------------------------------------------------
+
+def rollout_layout(out: sampling.SampleOutput):
+  """Trainer layout of sampled sequences: inputs/targets [B, P+M−1] and the completion mask.
+
+  `out.tokens` is each row's real prompt, its completion, then pad, so target j is a sampled
+  token exactly when prompt_length − 1 ≤ j < total_length − 1. The sampler's mask already stops
+  at the first end-of-turn, so nothing after it is trained or rewarded.
+  """
+  tokens = out.tokens
+  b, t = tokens.shape
+  j = jnp.arange(t - 1)[None, :]
+  real = jnp.arange(t)[None, :] < out.total_lengths[:, None]
+  completion = (j >= out.prompt_lengths[:, None] - 1) & (j < out.total_lengths[:, None] - 1)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+              positions=jnp.broadcast_to(jnp.arange(t - 1, dtype=jnp.int32), (b, t - 1)),
+              segment_ids=real[:, :-1].astype(jnp.int32),
+              completion_mask=completion.astype(jnp.float32))
+
+
+def sampler_logprobs(out: sampling.SampleOutput):
+  """The sampler's own log-probs (`token_logprobs` of the raw logits at the sampling temperature)
+  moved into the trainer layout [B, P+M−1]: completion token i is target prompt_length − 1 + i."""
+  b, m = out.completion.shape
+  t = out.tokens.shape[1] - 1
+  idx = out.prompt_lengths[:, None] - 1 + jnp.arange(m)[None, :]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, m))
+  return jnp.zeros((b, t), jnp.float32).at[rows, idx].add(out.logprobs * out.completion_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "ref_model", "temperature", "with_values",
+                                             "with_policy"))
+def score_tokens(model, params, ref_model, ref_params, layout, *, temperature: float,
+                 with_values: bool, with_policy: bool = True):
+  """old log π, log π_ref and old values of every target (zero off the completion mask).
+  With with_policy=False only the reference runs (old log π and values come back as zeros)."""
+  mask = layout["completion_mask"]
+
+  def logp(m, p):
+    o = m.apply({"params": p}, layout["inputs"], positions=layout["positions"],
+                segment_ids=layout["segment_ids"], deterministic=True)
+    return token_logprobs(o.logits, layout["targets"], temperature=temperature) * mask, o.values
+
+  ref_logp, _ = logp(ref_model, ref_params)
+  old_logp, values = logp(model, params) if with_policy else (jnp.zeros_like(ref_logp), None)
+  if not with_values or values is None:
+    values = jnp.zeros_like(old_logp)
+  return old_logp, ref_logp, values * mask
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "gamma", "lam", "whiten_rewards",
+                                             "whiten_advantages"))
+def ppo_advantages(old_logp, ref_logp, values, mask, scores, beta, *, estimator: str,
+                   gamma: float, lam: float, whiten_rewards: bool, whiten_advantages: bool):
+  """InstructGPT rewards (−β·KL per token, + the score on the last completion token), GAE."""
+  kl = kl_lib.kl_estimate(old_logp, ref_logp, estimator=estimator) * mask
+  last = jnp.max(jnp.where(mask > 0, jnp.arange(mask.shape[1])[None, :], 0), axis=1)
+  at_last = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * (mask.sum(1) > 0)[:, None]
+  rewards = -beta * kl + scores[:, None] * at_last
+  if whiten_rewards:
+    rewards = adv_lib.whiten(rewards, mask, shift_mean=False)
+  adv, returns = adv_lib.gae(rewards, values, mask, gamma=gamma, lam=lam)
+  if whiten_advantages:
+    adv = adv_lib.whiten(adv, mask)
+  return adv, returns, kl
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  algorithm: str = "ppo"               # ppo | grpo
+  prompts_per_iteration: int = 8
+  group_size: int = 1                  # G samples per prompt (GRPO); PPO usually 1
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  epochs: int = 4                      # K passes over each rollout batch
+  minibatch_size: int = 8
+  kl_estimator: str = "k1"             # the per-token KL in PPO's reward and in rl/kl
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  whiten_rewards: bool = False
+  missing_eos_penalty: float = 0.0     # subtracted from the score of a completion with no stop
+  normalize_scores: bool = False       # RM scores: (s − μ) / σ with μ, σ from the first iteration
+  scale_by_std: bool = True            # GRPO: divide by the group's std (Dr. GRPO: False)
+  group_eps: float = 1e-4
+  filter_zero_spread: bool = True      # GRPO: drop groups whose scores are all equal
+  # Where π_old comes from: 'recompute' (a plain forward, bitwise the loss's path), 'sampler' (the
+  # sampler's log-probs: same function and temperature through the KV cache, equal to ~1e-6),
+  # or 'auto': the sampler's when GRPO takes one update per iteration (the ratio is then 1 by
+  # construction, so the extra forward buys nothing), else recompute.
+  old_logp: str = "auto"
+  seed: int = 0
+
+  @property
+  def recompute_old_logp(self) -> bool:
+    if self.old_logp == "auto":
+      return not (self.algorithm == "grpo" and self.steps_per_iteration == 1)
+    return self.old_logp == "recompute"
+
+  @property
+  def rollout_batch(self) -> int:
+    return self.prompts_per_iteration * self.group_size
+
+  @property
+  def steps_per_iteration(self) -> int:
+    return self.epochs * (self.rollout_batch // self.minibatch_size)
+
+  def validate(self):
+    def bad(field, msg):
+      raise ValueError(f"rl.{field}: {msg}")
+    if self.algorithm not in ("ppo", "grpo"):
+      bad("algorithm", f"expected ppo or grpo, got {self.algorithm!r}")
+    if self.rollout_batch % self.minibatch_size:
+      bad("minibatch_size", f"train.batch_size={self.minibatch_size} does not divide the rollout "
+          f"batch of {self.rollout_batch} (prompts_per_iteration × group_size)")
+    if self.algorithm == "grpo" and self.group_size < 2:
+      bad("group_size", f"GRPO needs at least 2 samples per prompt, got {self.group_size}")
+    if self.epochs < 1:
+      bad("epochs", f"must be >= 1, got {self.epochs}")
+    if self.temperature <= 0:
+      bad("temperature", "must be > 0: PPO/GRPO need the sampler's log-probs (greedy has none)")
+    if self.old_logp not in ("auto", "recompute", "sampler"):
+      bad("old_logp", f"expected auto, recompute or sampler, got {self.old_logp!r}")
+    if self.algorithm == "ppo" and self.old_logp == "sampler":
+      bad("old_logp", "PPO's values need the policy forward anyway; use recompute")
+    if self.kl_estimator not in kl_lib.ESTIMATORS:
+      bad("kl_estimator", f"expected one of {kl_lib.ESTIMATORS}, got {self.kl_estimator!r}")
+
+
+@jax.jit
+def _take(buffer, idx):
+  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), buffer)
+
+
+class RolloutSource:
+  """The trainer batch source for PPO and GRPO (see the module docstring)."""
+
+  def __init__(self, *, model, ref_params, prompts: np.ndarray, prompt_lengths: np.ndarray,
+               prompt_texts: Sequence[str], tokenizer, scorer, cfg: RolloutConfig, controller,
+               eos_ids: Sequence[int], mesh=None, gold_fn: Callable | None = None,
+               log_path: str | None = None):
+    cfg.validate()
+    self.model, self.cfg, self.tok = model, cfg, tokenizer
+    # The reference is the policy network alone (a value head, if any, is computed and ignored).
+    self.ref_model = GPT(model.policy_cfg) if isinstance(model, ActorCritic) else model
+    self.ref_params = ref_params
+    self.prompts = np.asarray(prompts, np.int32)
+    self.prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    self.prompt_texts = list(prompt_texts)
+    self.scorer, self.controller = scorer, controller
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    self.mesh, self.gold_fn, self.log_path = mesh, gold_fn, log_path
+    self.iteration, self.minibatch = 0, 0
+    self.score_stats = None            # (mean, std) once measured
+    self._buffer, self._order = None, None
+    self._metrics = {}
+    self.timings = {"rollout_s": 0.0, "iterations": 0}
+
+  # --- trainer interface ---
+
+  def get_state(self) -> dict:
+    return {"iteration": self.iteration, "minibatch": self.minibatch,
+            "controller": self.controller.get_state(),
+            "score_stats": None if self.score_stats is None else list(self.score_stats)}
+
+  def set_state(self, s: dict) -> None:
+    self.iteration, self.minibatch = int(s["iteration"]), int(s["minibatch"])
+    self.controller.set_state(s["controller"])
+    self.score_stats = None if s.get("score_stats") is None else tuple(s["score_stats"])
+    self._buffer = None
+    if self.minibatch:
+      # A checkpoint taken mid-iteration (only the final one can be): its rollouts are gone, so
+      # continue with the next iteration rather than replaying a different one.
+      print(f"rollouts: checkpoint is mid-iteration {self.iteration} (minibatch "
+            f"{self.minibatch}); continuing from iteration {self.iteration + 1}", flush=True)
+      self.iteration, self.minibatch = self.iteration + 1, 0
+
+  def checkpoint_safe(self) -> bool:
+    return self._buffer is None
+
+  def pop_metrics(self) -> dict:
+    m, self._metrics = self._metrics, {}
+    return m
+
+  def next(self, state):
+    if self._buffer is None:
+      self._buffer, self._metrics = self.make_rollouts(state.params, self.iteration)
+      rng = np.random.default_rng([self.cfg.seed, self.iteration, 1])
+      n = self.cfg.rollout_batch
+      self._order = [rng.permutation(n) for _ in range(self.cfg.epochs)]
+    mb = self.cfg.minibatch_size
+    per_epoch = self.cfg.rollout_batch // mb
+    epoch, k = divmod(self.minibatch, per_epoch)
+    idx = self._order[epoch][k * mb:(k + 1) * mb]
+    batch = _take(self._buffer, jnp.asarray(idx, jnp.int32))
+    if self.mesh is not None:
+      batch = jax.device_put(batch, shd.batch_sharding(self.mesh))
+    self.minibatch += 1
+    if self.minibatch == self.cfg.steps_per_iteration:
+      self._buffer, self._order = None, None
+      self.iteration, self.minibatch = self.iteration + 1, 0
+    return batch
+
+  # --- one iteration's rollouts ---
+
+  def iteration_prompts(self, iteration: int):
+    """Row indices of this iteration's prompts: a function of (seed, iteration) only."""
+    n = len(self.prompts)
+    k = self.cfg.prompts_per_iteration
+    rng = np.random.default_rng([self.cfg.seed, iteration, 0])
+    idx = rng.choice(n, size=k, replace=n < k)
+    return np.repeat(idx, self.cfg.group_size)
+
+  def sample(self, params, iteration: int):
+    idx = self.iteration_prompts(iteration)
+    policy, policy_params = policy_view(self.model, params)
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7919), iteration)
+    prompts, lengths = jnp.asarray(self.prompts[idx]), jnp.asarray(self.prompt_lengths[idx])
+    if self.mesh is not None:
+      prompts, lengths = jax.device_put((prompts, lengths), shd.batch_sharding(self.mesh))
+    out = sampling.generate(policy, policy_params, prompts, lengths, rng=key,
+                            max_new_tokens=self.cfg.max_new_tokens,
+                            temperature=self.cfg.temperature, eos_ids=self.eos_ids,
+                            pad_id=self.tok.pad_id)
+    return idx, out
+
+  def completion_texts(self, out) -> list[str]:
+    comp, mask = jax.device_get((out.completion, out.completion_mask))
+    stops = set(self.eos_ids)
+    return [self.tok.decode([t for t, m in zip(row, mrow) if m > 0 and t not in stops])
+            for row, mrow in zip(comp, mask)]
+
+  def make_rollouts(self, params, iteration: int):
+    """(RolloutBatch of the whole iteration, rl/* metrics)."""
+    c = self.cfg
+    t0 = time.perf_counter()
+    idx, out = self.sample(params, iteration)
+    layout = rollout_layout(out)
+    texts = self.completion_texts(out)
+    prompt_texts = [self.prompt_texts[i] for i in idx]
+    raw = self.scorer(tokens=out.tokens, total_lengths=out.total_lengths,
+                      prompt_texts=prompt_texts, completion_texts=texts)
+    comp = np.asarray(out.completion)
+    cmask = np.asarray(out.completion_mask)
+    has_eos = np.any(np.isin(comp, self.eos_ids) & (cmask > 0), axis=1)
+    scores = raw - c.missing_eos_penalty * (~has_eos)
+    if c.normalize_scores:
+      if self.score_stats is None:
+        # Measured once, on the first iteration's samples from the initial (SFT) policy, then
+        # fixed, so the reward scale does not drift with the policy (InstructGPT normalises the
+        # RM so SFT samples average 0).
+        self.score_stats = (float(scores.mean()), float(scores.std() + 1e-6))
+      scores = (scores - self.score_stats[0]) / self.score_stats[1]
+
+    with_values = c.algorithm == "ppo"
+    old_logp, ref_logp, values = score_tokens(
+        self.model, params, self.ref_model, self.ref_params, layout,
+        temperature=c.temperature, with_values=with_values, with_policy=c.recompute_old_logp)
+    if not c.recompute_old_logp:
+      old_logp = sampler_logprobs(out)
+    mask = layout["completion_mask"]
+    beta = self.controller.beta
+    scores_j = jnp.asarray(scores, jnp.float32)
+    metrics = {}
+    if c.algorithm == "ppo":
+      adv, returns, kl = ppo_advantages(
+          old_logp, ref_logp, values, mask, scores_j, jnp.float32(beta),
+          estimator=c.kl_estimator, gamma=c.gamma, lam=c.lam, whiten_rewards=c.whiten_rewards,
+          whiten_advantages=c.whiten_advantages)
+      metrics["rl/explained_variance"] = float(adv_lib.explained_variance(values, returns, mask))
+      metrics["rl/value_mean"] = float(jnp.sum(values) / jnp.maximum(mask.sum(), 1.0))
+    else:
+      seq_adv, spread = adv_lib.group_advantages(scores_j, group_size=c.group_size,
+                                                 scale_by_std=c.scale_by_std, eps=c.group_eps)
+      keep = spread if c.filter_zero_spread else jnp.ones_like(spread)
+      mask = mask * keep[:, None].astype(jnp.float32)
+      adv = seq_adv[:, None] * mask
+      returns = jnp.zeros_like(adv)
+      kl = kl_lib.kl_estimate(old_logp, ref_logp, estimator=c.kl_estimator) * layout[
+          "completion_mask"]
+      metrics["rl/filtered_fraction"] = float(1.0 - jnp.mean(keep.astype(jnp.float32)))
+    batch = batches_lib.RolloutBatch(
+        inputs=layout["inputs"], targets=layout["targets"], positions=layout["positions"],
+        segment_ids=layout["segment_ids"], completion_mask=mask, old_logp=old_logp,
+        ref_logp=ref_logp, advantages=adv, returns=returns, values=values)
+
+    kl_seq = np.asarray(jnp.sum(kl, axis=1))
+    mean_kl = float(kl_seq.mean())
+    lengths = np.asarray(out.lengths)
+    metrics.update({
+        "rl/score": float(raw.mean()),
+        "rl/score_std": float(raw.std()),
+        "rl/kl": mean_kl,
+        "rl/rlhf_reward": float(np.mean(scores - beta * kl_seq)),
+        "rl/beta": float(beta),
+        "rl/eos_fraction": float(has_eos.mean()),
+        "rl/completion_length": float(lengths.mean()),
+        "rl/iteration": float(iteration),
+    })
+    if self.gold_fn is not None:
+      metrics["rl/gold_score"] = float(np.mean(self.gold_fn(prompt_texts, texts)))
+    self.controller.update(mean_kl, len(kl_seq))
+    jax.block_until_ready(batch)
+    dt = time.perf_counter() - t0
+    metrics["perf/rollout_s"] = dt
+    self.timings["rollout_s"] += dt
+    self.timings["iterations"] += 1
+    if self.log_path and jax.process_index() == 0:
+      with open(self.log_path, "a") as f:
+        f.write(json.dumps({**metrics, "sample": texts[0][:200]}) + "\n")
+    return batch, metrics

@@ -1,0 +1,452 @@
+"""Autoregressive sampling: one prefill call, then a decode loop over a preallocated KV cache.
+
+    out = generate(model, params, prompts, prompt_lengths, rng=key, max_new_tokens=64,
+                   temperature=0.8, top_k=40, top_p=0.95, eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
+    out.tokens [B, P+M]   each row's real prompt, then its completion, then pad (contiguous, so a
+                          plain forward with positions = arange scores it)
+    out.completion, out.logprobs, out.completion_mask [B, M];  out.lengths [B]
+
+Shapes (letters as in `gptjax/__init__.py`): P padded prompt length, M = max_new_tokens,
+S = P + M cache slots.
+
+Cache layout. The prompts are right-padded; prefill writes them to slots [0, P) with segment id 1
+for real tokens and 0 for pad, so pad slots are masked for every later query. Decode step i writes
+every row's token to the same slot P + i, but at the row's own position prompt_length + i. The
+attention mask is causal over slots and equal over segment ids, so each row sees exactly its own
+prompt and completion, and positions (learned or RoPE) are the ones a plain forward would use.
+
+Log-probs. `logprobs` are `token_logprobs` of the *raw* model logits at the sampling temperature,
+before the repetition penalty and the top-k / top-p / min-p filters. That is the distribution the
+trainer recomputes with a plain forward (it knows nothing about the filters), so the PPO ratio is
+1 on the first update and the KL to an identical reference is 0. With temperature 0 (greedy) the
+log-probs are taken at temperature 1.
+
+Decoding controls follow Hugging Face transformers, in its order: repetition penalty on the raw
+logits, then temperature, then top-k, top-p and min-p, each on the output of the one before. The
+filters are static switches: a control left at its neutral value costs nothing in the loop.
+
+What does not live here: prompt strategies (`prompting.py`), the CLI (`generate_cli.py`), and
+rollout bookkeeping for RL (`rl/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from gptjax.losses.common import token_logprobs
+from gptjax.model import _DTYPES, init_cache
+
+NEG_INF = -jnp.inf
+
+
+# --------------------------------------------------------------------------------------------
+# Filters: pure functions over logits [..., V]. Masks are True where a token stays eligible.
+# --------------------------------------------------------------------------------------------
+
+def top_k_mask(logits, k: int):
+  """Keeps the k largest logits; ties with the k-th value are kept too (as in HF's TopK warper)."""
+  k = min(int(k), logits.shape[-1])
+  if k <= 0:
+    return jnp.ones(logits.shape, bool)
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return logits >= kth
+
+
+def _top_p_cutoff(sorted_logits, p: float):
+  """The smallest kept logit for top-p, given logits sorted in descending order [..., K]."""
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Mass of the tokens ranked strictly above each one: a token is kept while that mass is < p,
+  # which keeps the smallest prefix whose mass reaches p (the first token always has 0 above it).
+  above = jnp.cumsum(probs, axis=-1) - probs
+  kept = jnp.sum(above < p, axis=-1, keepdims=True)
+  return jnp.take_along_axis(sorted_logits, kept - 1, axis=-1)
+
+
+def top_p_mask(logits, p: float):
+  """Nucleus filter: keeps the smallest set of top tokens whose probability mass reaches p.
+
+  Comparing against the cutoff logit (not a position in a sort order) keeps every token tied with
+  the last kept one, so the mask does not depend on how a sort breaks ties. p >= 1 keeps all.
+  """
+  if p >= 1.0:
+    return jnp.ones(logits.shape, bool)
+  sorted_logits = jax.lax.top_k(logits, logits.shape[-1])[0]
+  return logits >= _top_p_cutoff(sorted_logits, p)
+
+
+def min_p_mask(logits, min_p: float):
+  """Keeps tokens whose probability is at least min_p times the top token's probability."""
+  if min_p <= 0.0:
+    return jnp.ones(logits.shape, bool)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+  """HF's repetition penalty on tokens already seen: positive logits / penalty, negative × penalty."""
+  if penalty == 1.0:
+    return logits
+  penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+  return jnp.where(seen, penalised, logits)
+
+
+def filter_logits(logits, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+  """Applies top-k, then top-p, then min-p (each to the output of the one before, as HF does);
+  removed tokens get -inf. Takes logits that are already divided by the temperature."""
+  logits = logits.astype(jnp.float32)
+  k = min(int(top_k), logits.shape[-1])
+  if 0 < k < logits.shape[-1]:
+    top_values = jax.lax.top_k(logits, k)[0]                          # sorted, descending
+    logits = jnp.where(logits >= top_values[..., -1:], logits, NEG_INF)
+    if top_p < 1.0:
+      # After top-k everything outside the top k has zero mass, so the nucleus is found among
+      # the k sorted values without a full-vocabulary sort.
+      logits = jnp.where(logits >= _top_p_cutoff(top_values, top_p), logits, NEG_INF)
+  elif top_p < 1.0:
+    logits = jnp.where(top_p_mask(logits, top_p), logits, NEG_INF)
+  if min_p > 0.0:
+    logits = jnp.where(min_p_mask(logits, min_p), logits, NEG_INF)
+  return logits
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding state and one step.
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SamplingControls:
+  """Everything that changes the compiled program; hashable, so it is a static jit argument."""
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  pad_id: int = 0
+  # Stop ids are data, not program: only the sizes of their (bucketed) arrays are static, so a
+  # new EOS id or stop sequence does not recompile.
+  num_eos: int = 4
+  stop_shape: tuple = (4, 8)        # (sequences, width)
+
+  def validate(self):
+    def bad(field, msg):
+      raise ValueError(f"sampling.{field}: {msg}")
+    if self.max_new_tokens <= 0:
+      bad("max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+    if self.top_k < 0:
+      bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      bad("top_p", f"must be in (0, 1], got {self.top_p}")
+    if not 0.0 <= self.min_p <= 1.0:
+      bad("min_p", f"must be in [0, 1], got {self.min_p}")
+    if self.repetition_penalty <= 0:
+      bad("repetition_penalty", f"must be positive, got {self.repetition_penalty}")
+
+  @property
+  def window(self) -> int:
+    return self.stop_shape[1]
+
+
+# Fillers of the stop arrays; neither is a token id, nor the -1 that fills the recent window.
+_NEVER = -3       # an unused EOS slot, or an unused stop sequence: matches nothing
+_ANY = -2         # left filler of a stop sequence shorter than the array's width: matches anything
+
+
+def _round_up(n: int, m: int) -> int:
+  return max(m, -(-n // m) * m)
+
+
+def stop_arrays(eos_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]):
+  """EOS ids [E] and stop sequences [NS, W] (right-aligned) as int32 arrays whose sizes are
+  rounded up to buckets, so most changes to them reuse the compiled sampler."""
+  eos_ids = [int(e) for e in eos_ids]
+  stop_sequences = [[int(t) for t in s] for s in stop_sequences]
+  if any(len(s) == 0 for s in stop_sequences):
+    raise ValueError("sampling.stop_sequences: an empty stop sequence would stop every row at once")
+  eos = np.full((_round_up(len(eos_ids), 4),), _NEVER, np.int32)
+  eos[:len(eos_ids)] = eos_ids
+  width = _round_up(max((len(s) for s in stop_sequences), default=0), 8)
+  stops = np.full((_round_up(len(stop_sequences), 4), width), _NEVER, np.int32)
+  for i, seq in enumerate(stop_sequences):
+    stops[i] = _ANY
+    stops[i, width - len(seq):] = seq
+  return eos, stops
+
+
+@struct.dataclass
+class DecodeState:
+  """The decode loop's carry. Step i samples completion token i from `logits`."""
+  cache: dict
+  logits: jax.Array            # [B,V] raw logits for the next token
+  step: jax.Array              # [] int32: number of completion tokens sampled so far
+  prompt_lengths: jax.Array    # [B]
+  done: jax.Array              # [B] bool: the row has stopped (its stop token is recorded)
+  completion: jax.Array        # [B,M] pad after a row stops
+  logprobs: jax.Array          # [B,M] 0 after a row stops
+  completion_mask: jax.Array   # [B,M] 1 up to and including the stop token
+  seen: jax.Array              # [B,V] bool for the repetition penalty, or [B,0] when it is off
+  recent: jax.Array            # [B,W] the last W completion tokens (-1 before the start)
+  eos_ids: jax.Array           # [E] see `stop_arrays`
+  stop_sequences: jax.Array    # [NS,W]
+
+
+@struct.dataclass
+class SampleOutput:
+  tokens: jax.Array            # [B,P+M] real prompt, completion, then pad
+  completion: jax.Array        # [B,M]
+  logprobs: jax.Array          # [B,M] float32, raw-logit log-probs at the sampling temperature
+  completion_mask: jax.Array   # [B,M] float32
+  lengths: jax.Array           # [B] completion lengths (stop token included)
+  prompt_lengths: jax.Array    # [B]
+  total_lengths: jax.Array     # [B] prompt + completion: the real tokens of each row of `tokens`
+
+
+def _head_logits(cfg, params, hidden):
+  """The model's LM head on hidden [B,T,D] -> [B,T,V] float32, built from the same flax modules
+  with the same settings as `GPT`, so prefill can compute logits at one position per row instead
+  of all P (a [B,P,V] float32 array is the largest thing in a long-prompt prefill)."""
+  dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+  if cfg.tie_embeddings:
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt)
+    out = embed.apply({"params": params["embed"]}, hidden, method=nn.Embed.attend)
+  else:
+    head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt)
+    out = head.apply({"params": params["lm_head"]}, hidden)
+  return out.astype(jnp.float32)
+
+
+def _choose(state: DecodeState, rng, c: SamplingControls):
+  """Samples token `state.step` for every row and records it. Returns the new state."""
+  raw = state.logits
+  logits = apply_repetition_penalty(raw, state.seen, c.repetition_penalty)
+  key = jax.random.fold_in(rng, state.step)
+  if c.temperature == 0.0:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    logits = filter_logits(logits / c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p)
+    token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  lp = token_logprobs(raw[:, None, :], token[:, None],
+                      temperature=c.temperature if c.temperature > 0 else 1.0)[:, 0]
+
+  live = ~state.done
+  token = jnp.where(live, token, c.pad_id)
+  i = state.step
+  completion = state.completion.at[:, i].set(token)
+  logprobs = state.logprobs.at[:, i].set(jnp.where(live, lp, 0.0))
+  completion_mask = state.completion_mask.at[:, i].set(live.astype(jnp.float32))
+
+  stop = jnp.any(token[:, None] == state.eos_ids[None, :], axis=1)
+  # Stop sequences are matched against the completion only (the window starts filled with -1),
+  # so a prompt that happens to end in half a stop sequence does not cut the first tokens short.
+  recent = jnp.concatenate([state.recent[:, 1:], token[:, None]], axis=1)          # [B,W]
+  seqs = state.stop_sequences[None]                                                 # [1,NS,W]
+  hit = (recent[:, None, :] == seqs) | (seqs == _ANY)
+  stop |= jnp.any(jnp.all(hit, axis=2), axis=1)
+  seen = state.seen
+  if c.repetition_penalty != 1.0:
+    seen = seen | (jax.nn.one_hot(token, seen.shape[-1], dtype=bool) & live[:, None])
+  return state.replace(step=i + 1, done=state.done | (live & stop), completion=completion,
+                       logprobs=logprobs, completion_mask=completion_mask, seen=seen,
+                       recent=recent)
+
+
+def _prefill(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng,
+             c: SamplingControls) -> DecodeState:
+  """Runs the prompts through the model into a fresh cache and samples the first token."""
+  cfg = model.cfg.resolved()
+  params = nn.meta.unbox(params)
+  b, p = prompts.shape
+  m = c.max_new_tokens
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+  real = jnp.arange(p)[None, :] < prompt_lengths[:, None]                        # [B,P]
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  cache = init_cache(cfg, b, p + m)
+  out = model.apply({"params": params}, prompts, positions=positions,
+                    segment_ids=real.astype(jnp.int32), cache=cache, cache_index=0,
+                    compute_logits=False)
+  last = jnp.maximum(prompt_lengths - 1, 0)
+  hidden = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)         # [B,1,D]
+  logits = _head_logits(cfg, params, hidden)[:, 0]                               # [B,V]
+
+  v = logits.shape[-1]
+  if c.repetition_penalty != 1.0:
+    # HF penalises every token of the input, prompt included; pad is not part of the prompt.
+    onehot = jax.nn.one_hot(prompts, v, dtype=bool) & real[..., None]
+    seen = jnp.any(onehot, axis=1)
+  else:
+    seen = jnp.zeros((b, 0), bool)
+  state = DecodeState(
+      cache=out.cache, logits=logits, step=jnp.zeros((), jnp.int32),
+      prompt_lengths=prompt_lengths, done=jnp.zeros((b,), bool),
+      completion=jnp.full((b, m), c.pad_id, jnp.int32), logprobs=jnp.zeros((b, m), jnp.float32),
+      completion_mask=jnp.zeros((b, m), jnp.float32), seen=seen,
+      recent=jnp.full((b, c.window), -1, jnp.int32), eos_ids=eos_ids.astype(jnp.int32),
+      stop_sequences=stop_sequences.astype(jnp.int32))
+  return _choose(state, rng, c)
+
+
+def _advance(model, params, state: DecodeState, rng, c: SamplingControls) -> DecodeState:
+  """Feeds the last sampled token through the model (slot P + step - 1 for every row, position
+  prompt_length + step - 1 per row) and samples the next one."""
+  params = nn.meta.unbox(params)
+  b = state.completion.shape[0]
+  p = state.cache["segment_ids"].shape[1] - c.max_new_tokens
+  i = state.step - 1
+  token = jax.lax.dynamic_slice_in_dim(state.completion, i, 1, axis=1)           # [B,1]
+  out = model.apply({"params": params}, token, positions=(state.prompt_lengths + i)[:, None],
+                    segment_ids=jnp.ones((b, 1), jnp.int32), cache=state.cache,
+                    cache_index=p + i)
+  return _choose(state.replace(cache=out.cache, logits=out.logits[:, 0]), rng, c)
+
+
+def _finish(prompts, state: DecodeState, c: SamplingControls) -> SampleOutput:
+  b, p = prompts.shape
+  m = c.max_new_tokens
+  lengths = jnp.sum(state.completion_mask, axis=1).astype(jnp.int32)
+  # Place each completion right after its row's real prompt, so `tokens` is contiguous.
+  j = jnp.arange(p + m)[None, :]
+  into = j - state.prompt_lengths[:, None]
+  from_completion = jnp.take_along_axis(state.completion, jnp.clip(into, 0, m - 1), axis=1)
+  padded_prompts = jnp.concatenate([prompts, jnp.full((b, m), c.pad_id, prompts.dtype)], axis=1)
+  tokens = jnp.where(into < 0, padded_prompts,
+                     jnp.where(into < lengths[:, None], from_completion, c.pad_id))
+  return SampleOutput(tokens=tokens.astype(jnp.int32), completion=state.completion,
+                      logprobs=state.logprobs, completion_mask=state.completion_mask,
+                      lengths=lengths, prompt_lengths=state.prompt_lengths,
+                      total_lengths=state.prompt_lengths + lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "c"))
+def _generate(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng,
+              c: SamplingControls):
+  state = _prefill(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng, c)
+
+  def keep_going(s):
+    return (s.step < c.max_new_tokens) & ~jnp.all(s.done)
+
+  state = jax.lax.while_loop(keep_going, lambda s: _advance(model, params, s, rng, c), state)
+  return _finish(prompts, state, c)
+
+
+def _rng(rng):
+  if isinstance(rng, int):
+    return jax.random.key(rng)
+  return rng
+
+
+def _controls(*, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_ids,
+              stop_sequences, pad_id):
+  """Static controls plus the stop arrays, validated."""
+  eos, stops = stop_arrays(eos_ids, stop_sequences)
+  if int(pad_id) in [int(e) for e in eos_ids]:
+    raise ValueError(f"sampling.pad_id: {pad_id} is also an EOS id; pad must differ from EOS")
+  c = SamplingControls(
+      max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+      top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+      pad_id=int(pad_id), num_eos=eos.shape[0], stop_shape=stops.shape)
+  c.validate()
+  return c, eos, stops
+
+
+def _check_shapes(model, prompts, c: SamplingControls):
+  cfg = model.cfg.resolved()
+  if prompts.ndim != 2:
+    raise ValueError(f"prompts must be [B,P], got shape {prompts.shape}")
+  need = prompts.shape[1] + c.max_new_tokens
+  if cfg.positional == "learned" and need > cfg.max_len:
+    raise ValueError(f"prompt length {prompts.shape[1]} + max_new_tokens {c.max_new_tokens} = "
+                     f"{need} exceeds model.max_len={cfg.max_len} (learned positions)")
+
+
+def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (),
+             stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0) -> SampleOutput:
+  """Samples up to `max_new_tokens` per row from right-padded prompts [B,P] int32.
+
+  Each row stops on its own at an EOS id or at the end of a stop sequence (matched within the
+  completion; the stop tokens are kept and counted in its mask), and the loop ends early once all
+  rows have stopped. `rng` is a key or an int seed; step i uses fold_in(rng, i), so a seed
+  reproduces the output exactly, whatever the batch sharding. Compiled once per (model, shapes,
+  controls). Runs under a mesh as is: shard prompts over the data axes; params are used in place.
+  """
+  c, eos, stops = _controls(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      min_p=min_p, repetition_penalty=repetition_penalty, eos_ids=eos_ids,
+      stop_sequences=stop_sequences, pad_id=pad_id)
+  prompts = jnp.asarray(prompts, jnp.int32) if isinstance(prompts, np.ndarray) else prompts
+  _check_shapes(model, prompts, c)
+  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32) if isinstance(
+      prompt_lengths, (np.ndarray, list, tuple)) else prompt_lengths
+  return _generate(model, params, prompts.astype(jnp.int32), prompt_lengths, eos, stops,
+                   _rng(rng), c)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: the same prefill and step, driven from Python one token at a time.
+# --------------------------------------------------------------------------------------------
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("model", "c"))
+# The state (and its cache) is donated: each step updates it in place instead of copying it.
+_advance_jit = jax.jit(_advance, static_argnames=("model", "c"), donate_argnames=("state",))
+
+
+def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (),
+           stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
+           bucket: int = 32) -> Iterator[int]:
+  """Yields the completion of one prompt token by token, as it is produced (for chat).
+
+  Same program pieces and keys as `generate`, so with the same seed it yields the same tokens.
+  The stop token itself is yielded last. The prompt is padded up to a multiple of `bucket`, so a
+  conversation that grows turn by turn reuses a few compiled programs.
+  """
+  c, eos, stops = _controls(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      min_p=min_p, repetition_penalty=repetition_penalty, eos_ids=eos_ids,
+      stop_sequences=stop_sequences, pad_id=pad_id)
+  n = len(prompt_ids)
+  width = max(n, -(-n // bucket) * bucket)
+  cfg = model.cfg.resolved()
+  if cfg.positional == "learned":
+    width = max(n, min(width, cfg.max_len - c.max_new_tokens))
+  prompts = np.full((1, width), c.pad_id, np.int32)
+  prompts[0, :n] = prompt_ids
+  _check_shapes(model, prompts, c)
+  rng = _rng(rng)
+  state = _prefill_jit(model, params, prompts, np.asarray([n], np.int32), eos, stops, rng, c)
+  for i in range(c.max_new_tokens):
+    if i:
+      state = _advance_jit(model, params, state, rng, c)
+    token, done = jax.device_get((state.completion[0, i], state.done[0]))
+    yield int(token)
+    if done:
+      return
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def completion_logprobs(model, params, out: SampleOutput, *, temperature: float = 1.0):
+  """Log-probs of each completion token under a plain forward over `out.tokens` [B,M], aligned
+  with `out.completion` and zeroed off its mask: what the trainer recomputes from a rollout."""
+  params = nn.meta.unbox(params)
+  tokens = out.tokens
+  b, t = tokens.shape
+  m = out.completion.shape[1]
+  real = jnp.arange(t)[None, :] < out.total_lengths[:, None]
+  logits = model.apply({"params": params}, tokens, segment_ids=real.astype(jnp.int32)).logits
+  lp = token_logprobs(logits[:, :-1], tokens[:, 1:], temperature=temperature)     # [B,T-1]
+  # Completion token i sits at index prompt_length + i and is predicted from the index before.
+  idx = out.prompt_lengths[:, None] - 1 + jnp.arange(m)[None, :]
+  picked = jnp.take_along_axis(lp, jnp.clip(idx, 0, t - 2), axis=1)
+  return picked * out.completion_mask
