@@ -74,5 +74,12 @@ def get_config(arg=None):
   c.ppo = rl_exp.get_config(f"ppo_{preset}")
   c.grpo = rl_exp.get_config(f"grpo_{preset}")
   c.dpo = rl_exp.get_config(f"dpo_{preset}")
+  if preset == "micro":
+    # rl.py's micro presets train a random model on a toy reward; in the pipeline the policy is
+    # the SFT model and the reward is the RM, on the plays' held-out prompts.
+    for algo in (c.ppo, c.grpo):
+      algo.rl.update(prompts=(), reward="rm", eval_prompts=8, eval_split="validation",
+                     max_prompts=64, iterations=2)
+      algo.data.source = "shakespeare:dialogue"
   c.distributed = common.base_config().distributed
   return c

@@ -85,13 +85,17 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f"init_from: no checkpoint under {directory}")
   target = {"params": abstract_params}
+  # Leaves without a sharding (inference loads) are replicated over all devices, so the same
+  # call works on one CPU and under a mesh.
+  everywhere = jax.sharding.NamedSharding(
+      jax.make_mesh((jax.device_count(),), ("all",),
+                    axis_types=(jax.sharding.AxisType.Auto,)), jax.sharding.PartitionSpec())
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
           item=target,
           restore_args=jax.tree.map(
-              lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
-                                             dtype=x.dtype)
-              if hasattr(x, "sharding") and x.sharding is not None else ocp.RestoreArgs(),
+              lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None) or everywhere,
+                                             global_shape=x.shape, dtype=x.dtype),
               target),
           partial_restore=True)))
   mngr.close()

@@ -1,6 +1,7 @@
 """The `gptjax` command. Thin on purpose: parse, then call a library function.
 
   gptjax train     --config experiments/x.py:preset --workdir DIR [--config.field=value ...]
+                   [--import my_losses.py]
   gptjax pipeline  --config experiments/shakespeare_assistant.py:tiny --workdir DIR
   gptjax sample    --workdir DIR --prompt "..."        gptjax chat --workdir DIR
   gptjax tokenizer train --source shakespeare --vocab_size 512 --out DIR
@@ -20,8 +21,12 @@ def _train(argv):
   p.add_argument("--config", required=True, help="path.py:preset")
   p.add_argument("--workdir", required=True)
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--import", dest="imports", action="append", default=[],
+                 help="a module name or .py file to import first, e.g. one that registers a loss")
   args = p.parse_args(rest)
   try:
+    for item in args.imports:
+      import_user_module(item)
     cfg = config_lib.load(args.config, overrides)
     _distributed(cfg)
     from gptjax.stages import run_stage
@@ -30,6 +35,25 @@ def _train(argv):
     print(f"gptjax: config error: {e}", file=sys.stderr)
     return 2
   return 128 + 15 if getattr(res, "interrupted", False) else 0
+
+
+def import_user_module(item: str):
+  """Imports `pkg.module` or `path/to/file.py`, so its @losses.register decorators run."""
+  import importlib
+  import importlib.util
+  import os
+  from gptjax import config as config_lib
+  if item.endswith(".py"):
+    if not os.path.exists(item):
+      raise config_lib.ConfigError(f"--import: no file {item!r}")
+    spec = importlib.util.spec_from_file_location(os.path.basename(item)[:-3], item)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  try:
+    return importlib.import_module(item)
+  except ModuleNotFoundError as e:
+    raise config_lib.ConfigError(f"--import: cannot import {item!r} ({e})") from None
 
 
 def _distributed(cfg):

@@ -108,9 +108,9 @@ def _train_stage(name, init_from=""):
 def _link(c, name, run_dir):
   """Points a stage at the outputs of the stages it reads (beyond init_from)."""
   if name == "reward":
-    files = _read_json(os.path.join(stage_dir(run_dir, "rm_data"), "files.json"))
-    _set(c, "data.train_source", "preference_jsonl:" + files["train"])
-    _set(c, "data.eval_source", "preference_jsonl:" + files["validation"])
+    # The reward stage finds the rm_data step's files through the same manifest, so it reuses
+    # them instead of sampling again.
+    _set(c, "rm_data.out_dir", stage_dir(run_dir, "rm_data"))
   if name in ("ppo", "grpo"):
     _set(c, "rl.reference_workdir", stage_dir(run_dir, "sft"))
     _set(c, "rl.reward_workdir", stage_dir(run_dir, "reward"))
@@ -123,8 +123,9 @@ def _link(c, name, run_dir):
 def _rm_data(cfg, run_dir, progress):
   from gptjax import rm_data
   c = stage_config(cfg, "reward", run_dir, init_from="sft")
-  c.lock()
   out = stage_dir(run_dir, "rm_data")
+  _set(c, "rm_data.out_dir", out)
+  c.lock()
   files = rm_data.generate(c, sft_workdir=stage_dir(run_dir, "sft"), out_dir=out)
   with open(os.path.join(out, "files.json"), "w") as f:
     json.dump(files, f, indent=2)

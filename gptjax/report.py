@@ -98,6 +98,10 @@ def _bon(run_dir, compare, fname):
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
   ax.errorbar(ns, curve["gold_mean"], yerr=curve.get("gold_se"), marker="o", capsize=3,
               label="gold (VADER)")
+  if curve.get("oracle_gold"):
+    ax.plot(ns, curve["oracle_gold"], marker="^", ls="--", color="gray",
+            label="oracle (pick by gold)")
+  ax.legend(fontsize=7, loc="upper left")
   if "rm_mean" in curve:
     ax2 = ax.twinx()
     ax2.plot(ns, curve["rm_mean"], marker="s", color="#dd8452", label="RM score")

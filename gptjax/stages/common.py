@@ -41,7 +41,20 @@ def init_params_fn(model, seq_len: int = 8):
 
 
 def bind_loss(cfg):
-  return functools.partial(losses.get(cfg.loss.name), **config_lib.loss_kwargs(cfg))
+  """The registered loss with the config's `loss.*` hyperparameters bound, checked by name."""
+  import inspect
+  fn = losses.get(cfg.loss.name)
+  kw = config_lib.loss_kwargs(cfg)
+  params = inspect.signature(fn).parameters
+  takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY
+           and n not in ("frozen", "rng", "model")]
+  if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    for k in kw:
+      if k not in takes:
+        raise config_lib.ConfigError(
+            f"loss.{k}: loss {cfg.loss.name!r} takes no hyperparameter {k!r}; it takes "
+            f"{', '.join(takes) or 'none'}")
+  return functools.partial(fn, **kw)
 
 
 class LoaderSource:

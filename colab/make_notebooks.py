@@ -1,0 +1,170 @@
+"""Writes the Colab notebooks in this folder from the cell sources below.
+
+    python colab/make_notebooks.py
+
+The notebooks only call the library. Each starts with an install cell and picks a preset from the
+accelerator it finds; `GPTJAX_NOTEBOOK_SMOKE=1` selects the `micro` preset, which is how the test
+suite executes every notebook headlessly on CPU. All notebooks share one run directory
+(`GPTJAX_RUN_DIR`, default `runs/colab`), so a later notebook reuses the stages an earlier one
+finished.
+"""
+
+import os
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+INSTALL = '''# Install gptjax. In Colab, clone the repository first (or point GPTJAX_REPO at a checkout).
+import importlib.util, os, subprocess, sys
+REPO = os.path.abspath(os.environ.get("GPTJAX_REPO", ".." if os.path.exists("../setup.py") else "."))
+if importlib.util.find_spec("gptjax") is None:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", REPO])
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)'''
+
+DETECT = '''# Which accelerator is here? The preset follows it: TPU, GPU, or the CPU-sized `tiny`.
+import jax
+platform = jax.devices()[0].platform
+SMOKE = os.environ.get("GPTJAX_NOTEBOOK_SMOKE") == "1"      # CI: the seconds-long `micro` preset
+PRESET = "micro" if SMOKE else {"tpu": "tpu", "gpu": "gpu"}.get(platform, "tiny")
+RUN = os.path.abspath(os.environ.get("GPTJAX_RUN_DIR", "runs/colab"))
+print(f"{jax.device_count()} {platform} device(s); preset {PRESET}; run directory {RUN}")'''
+
+RUN_STAGES = '''from gptjax import config, pipeline
+def run_stages(*stages, overrides=()):
+    """Runs the pipeline up to these stages; completed stages are skipped, partial ones resumed."""
+    cfg = config.load(os.path.join(REPO, f"experiments/shakespeare_assistant.py:{PRESET}"),
+                      [f"pipeline.stages={tuple(stages)!r}", *overrides])
+    assert pipeline.run(cfg, RUN, progress=not SMOKE) == 0
+    return cfg'''
+
+PLOT = '''import json
+import matplotlib.pyplot as plt
+def curves(stage, keys):
+    rows = [json.loads(l) for l in open(os.path.join(RUN, stage, "metrics.jsonl"))]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        if pts:
+            ax.plot(*zip(*pts), label=k)
+    ax.set_xlabel("step"); ax.legend(); ax.set_title(stage); plt.show()'''
+
+
+def notebook(title, intro, cells):
+  nb = new_notebook()
+  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+  nb.metadata["accelerator"] = "TPU"
+  nb.cells = [new_markdown_cell(f"# {title}\n\n{intro}"), new_code_cell(INSTALL),
+              new_code_cell(DETECT), new_code_cell(RUN_STAGES), new_code_cell(PLOT)]
+  nb.cells += [new_code_cell(c) for c in cells]
+  return nb
+
+
+NOTEBOOKS = {
+    "01_pretrain": notebook(
+        "01 · Pretraining a base model",
+        "Stage 1 of the recipe: train a SentencePiece tokenizer on Shakespeare's plays, then a GPT "
+        "on next-token prediction. The base model continues documents; it does not answer.",
+        ['cfg = run_stages("tokenizer", "pretrain")',
+         'curves("pretrain", ["train/loss", "eval/loss"])',
+         '''# Sample from the base model with the library's sampler.
+from gptjax.stages import rl as rl_stage, common
+model, params, tok = rl_stage.load_policy(os.path.join(RUN, "pretrain"))
+for p, c in zip(["ROMEO:\\n", "HAMLET:\\n"], common.sample_prompts(
+        model, params, tok, ["ROMEO:\\n", "HAMLET:\\n"], seed=0, max_new_tokens=40)):
+    print(p + c, "\\n---")''']),
+    "02_sft": notebook(
+        "02 · Supervised finetuning: from base model to assistant",
+        "A speech from a play is the user's turn and the next speaker's reply the assistant's. The "
+        "loss covers only the assistant's tokens and its end-of-turn marker, so the model learns to "
+        "answer and to stop.",
+        ['cfg = run_stages("tokenizer", "pretrain", "sft")',
+         'curves("sft", ["train/loss", "eval/loss"])',
+         '''ev = json.load(open(os.path.join(RUN, "sft", "eval.json")))
+print({k: v for k, v in ev.items() if isinstance(v, (int, float))})''',
+         '''print(open(os.path.join(RUN, "sft", "samples.md")).read()[:3000])''']),
+    "03_reward_model": notebook(
+        "03 · The reward model",
+        "The SFT model samples several replies per prompt; a simulated labeler (VADER sentiment "
+        "with Bradley–Terry noise) prefers the kinder one; a GPT with a scalar head learns those "
+        "preferences. Best-of-N then reranks samples with it.",
+        ['cfg = run_stages("tokenizer", "pretrain", "sft", "rm_data", "reward")',
+         'curves("reward", ["train/loss", "rm/accuracy"])',
+         '''ev = json.load(open(os.path.join(RUN, "reward", "eval.json")))
+print({k: v for k, v in ev.items() if isinstance(v, (int, float))})
+bon = ev.get("best_of_n")
+if bon:
+    ns = sorted(int(n) for n in bon["mean_gold"])
+    plt.plot(ns, [bon["mean_gold"][str(n)] for n in ns], marker="o", label="RM picks")
+    plt.plot(ns, [bon["oracle_gold"][str(n)] for n in ns], ls="--", label="oracle")
+    plt.xscale("log", base=2); plt.xlabel("N"); plt.ylabel("gold score"); plt.legend(); plt.show()''',
+         '''# Score two replies to the same prompt with the trained reward model.
+from gptjax.stages.reward import load_reward_model
+from gptjax.data import chat
+scorer = load_reward_model(os.path.join(RUN, "reward"))
+tok = scorer.tokenizer
+prompt = chat.render_prompt([{"role": "user", "content": "How fares my lord?"}], tok)
+replies = ["I thank you, good friend; I am well and glad.", "Villain, I hate thee; a plague on thee!"]
+print(scorer([prompt, prompt], [tok.encode(r) for r in replies]))''']),
+    "04_rlhf": notebook(
+        "04 · RLHF: PPO, GRPO and DPO",
+        "PPO optimises the SFT policy against the reward model with a KL penalty to SFT. GRPO and "
+        "DPO are the same loop with another loss and batch type. The comparison step scores every "
+        "stage on the same held-out prompts with the gold labeler.",
+        ['cfg = run_stages("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo", '
+         '"compare", "report")',
+         'curves("ppo", ["rl/score", "rl/gold_score", "rl/kl"])',
+         'curves("grpo", ["rl/score", "rl/gold_score", "rl/kl"])',
+         'curves("dpo", ["train/loss", "dpo/accuracy"])',
+         '''cmp = json.load(open(os.path.join(RUN, "compare.json")))
+for name, p in cmp["policies"].items():
+    print(f"{name:12s} gold {p['gold_mean']:+.3f} ± {p['gold_se']:.3f}   KL to SFT {p['kl_to_sft']}"
+          f"   distinct-2 {p['distinct_2']:.3f}")''',
+         '''from IPython.display import Markdown, display
+display(Markdown(open(os.path.join(RUN, "report.md")).read()))''']),
+    "05_using_the_model": notebook(
+        "05 · Using the model",
+        "Sampling is a random rollout controlled by temperature, top-k, top-p and min-p; "
+        "chain-of-thought gives the model tokens to think with; self-consistency votes over "
+        "samples; best-of-N reranks by the reward model.",
+        ['cfg = run_stages("tokenizer", "pretrain", "sft", "rm_data", "reward")',
+         '''from gptjax import prompting
+from gptjax.stages import rl as rl_stage
+model, params, tok = rl_stage.load_policy(os.path.join(RUN, "sft"))
+gen = prompting.make_text_generator(model, params, tok, seed=0, max_new_tokens=24)
+ask = "<|user|>How fares my lord?<|end|><|assistant|>"
+for controls in [dict(temperature=0.0), dict(temperature=0.7, top_k=20),
+                 dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, min_p=0.1)]:
+    print(controls, "->", gen([ask], 2, **controls)[0])''',
+         '''# Chain-of-thought and self-consistency: a tiny model cannot reason, but the machinery is the
+# same one a large model would use (prompt, extract an answer, vote).
+prompt = prompting.cot_prompt("What is two and two?")
+votes = prompting.self_consistency(gen, [prompt], n=8, temperature=0.9)
+print(votes[0])''',
+         '''# Best-of-N with the reward model as the scorer.
+from gptjax.stages.reward import load_reward_model
+from gptjax.data import chat
+rm = load_reward_model(os.path.join(RUN, "reward"))
+def rm_scorer(prompt, completions):
+    ids = chat.render_prompt([{"role": "user", "content": "How fares my lord?"}], rm.tokenizer)
+    return rm([ids] * len(completions), [rm.tokenizer.encode(c) for c in completions])
+ranked = prompting.best_of_n(gen, [ask], n=8, scorer=rm_scorer, temperature=1.0)
+print(ranked[0])''',
+         '''# Retrieval: a BM25 index over speeches, prepended to the prompt.
+from gptjax.data import shakespeare
+passages = [s.text for s in shakespeare.load_plays()[0].speeches[:200]]
+bm25 = prompting.BM25(passages)
+print(prompting.retrieval_prompt(bm25, "love and night", k=2)[:400])''']),
+}
+
+
+def main():
+  for name, nb in NOTEBOOKS.items():
+    nbformat.write(nb, os.path.join(HERE, f"{name}.ipynb"))
+    print("wrote", name)
+
+
+if __name__ == "__main__":
+  main()
