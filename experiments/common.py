@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_len=256, variant="gpt2", norm=None, activation=None, positional=None,
       tie_embeddings=None, use_bias=None, qk_norm=False, rope_theta=10_000.0, norm_eps=1e-5,
       dtype="float32", param_dtype="float32", remat="none", dropout_rate=0.0, scalar_head=False,
-      attention_impl=None))
+      attention_impl=None, scan_unroll=0))
 
   c.loss = ml_collections.ConfigDict(dict(name="lm", z_loss=0.0))
 
