@@ -39,8 +39,8 @@ def pretrain_config(preset: str) -> ml_collections.ConfigDict:
   elif preset == "tiny":
     c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=128)
     c.data.seq_len = 128
-    c.train.update(steps=1500, batch_size=16, log_every=25, eval_every=250, eval_batches=8,
-                   sample_every=500, sample_tokens=48, checkpoint_every=250)
+    c.train.update(steps=600, batch_size=16, log_every=25, eval_every=200, eval_batches=8,
+                   sample_every=300, sample_tokens=48, checkpoint_every=200)
     c.optim.update(lr=2e-3, warmup_steps=100)
   elif preset in ("gpu", "tpu"):
     c.model.update(num_layers=8, num_heads=8, d_model=512, max_len=512, dtype="bfloat16")

@@ -97,3 +97,26 @@ def micro_run(tmp_path_factory):
     result = run_micro(workdir, "train.steps=20", "train.eval_every=10",
                        "train.checkpoint_every=10", "train.log_every=5")
   return workdir, result
+
+
+PIPELINE_MICRO = os.path.join(REPO, "experiments", "shakespeare_assistant.py") + ":micro"
+# Every branch, so the notebooks executed afterwards find all stages complete.
+PIPELINE_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
+                   "compare", "report")
+
+
+def pipeline_cmd(run_dir: str, stages=PIPELINE_STAGES) -> list[str]:
+  return [sys.executable, "-m", "gptjax.main", "pipeline", "--config", PIPELINE_MICRO,
+          "--workdir", run_dir, "--no_progress", f"--config.pipeline.stages={tuple(stages)!r}"]
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory):
+  """One uninterrupted micro pipeline per session, shared by the pipeline and notebook tests."""
+  run_dir = str(tmp_path_factory.mktemp("pipeline") / "run")
+  proc = subprocess.run(pipeline_cmd(run_dir), env=child_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=1800)
+  if proc.returncode != 0:
+    pytest.fail(f"micro pipeline failed ({proc.returncode})\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-4000:]}")
+  return run_dir

@@ -78,8 +78,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
 
   def sample(state):
     prompts = list(cfg.train.sample_prompts)
+    # The model's window bounds prompt + sample; ask for what fits rather than fail mid-run.
+    room = env.model_cfg.max_len - max(len(tok.encode(p)) for p in prompts)
     outs = common.sample_prompts(env.model, state.params, tok, prompts, seed=cfg.seed,
-                                 max_new_tokens=cfg.train.sample_tokens, temperature=0.8)
+                                 max_new_tokens=max(1, min(cfg.train.sample_tokens, room)),
+                                 temperature=0.8)
     return "\n---\n".join(p + o for p, o in zip(prompts, outs))
 
   init_from = None

@@ -1,0 +1,81 @@
+"""The pipeline command end to end on the micro preset: completion, skipping, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, child_env, pipeline_cmd
+
+
+def _last(path, key):
+  rows = [json.loads(l) for l in open(path) if l.strip()]
+  vals = [r[key] for r in rows if key in r]
+  assert vals, f"{key} never logged in {path}"
+  return vals[-1]
+
+
+def test_pipeline_produces_every_stage_and_the_report_card(micro_pipeline):
+  run = micro_pipeline
+  for stage in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
+                "compare"):
+    assert os.path.exists(os.path.join(run, stage, "done.json")), stage
+  cmp = json.load(open(os.path.join(run, "compare.json")))
+  assert set(cmp["policies"]) >= {"base", "sft", "best-of-16", "ppo", "grpo", "dpo"}
+  assert cmp["policies"]["sft"]["kl_to_sft"] == 0.0
+  assert cmp["samples"] and set(cmp["samples"][0]["replies"]) >= {"base", "sft", "ppo"}
+  report = open(os.path.join(run, "report.md")).read()
+  for png in ("losses.png", "gold_by_stage.png", "best_of_n.png", "rl.png"):
+    assert f"({png})" in report, png
+    with open(os.path.join(run, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
+  # Each stage starts from the previous one: SFT's first training loss is already below the
+  # loss of a fresh model (log V), because it starts from the pretrained weights.
+  vocab = json.load(open(os.path.join(run, "tokenizer", "done.json")))["vocab_size"]
+  first_sft = [json.loads(l) for l in open(os.path.join(run, "sft", "metrics.jsonl"))][0]
+  assert first_sft["train/loss"] < __import__("math").log(vocab)
+
+
+def test_second_run_skips_completed_stages(micro_pipeline):
+  t = time.time()
+  proc = subprocess.run(pipeline_cmd(micro_pipeline), env=child_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
+                "compare"):
+    assert f"[pipeline] {stage}: complete, skipping" in proc.stdout, stage
+  assert "running" not in proc.stdout.replace("[pipeline] report: running", "")
+  assert time.time() - t < 120
+
+
+def test_killed_pipeline_resumes_to_the_same_result(micro_pipeline, tmp_path):
+  """SIGTERM in the middle of pretraining, then the same command again: the final metrics equal
+  those of the uninterrupted run exactly (every stage is deterministic and resumes exactly)."""
+  run = str(tmp_path / "run")
+  stages = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo")
+  proc = subprocess.Popen(pipeline_cmd(run, stages), env=child_env(), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first_ckpt = os.path.join(run, "pretrain", "checkpoints", "10")
+  deadline = time.time() + 600
+  while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the pipeline ended before it could be interrupted"
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  assert "pretrain: interrupted" in out
+  assert not os.path.exists(os.path.join(run, "pretrain", "done.json"))
+
+  proc = subprocess.run(pipeline_cmd(run, stages), env=child_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from step" in proc.stdout + proc.stderr
+  ref = micro_pipeline
+  for stage, key in (("pretrain", "eval/loss"), ("sft", "train/loss"), ("reward", "train/loss"),
+                     ("ppo", "train/loss"), ("ppo", "rl/score")):
+    a = _last(os.path.join(run, stage, "metrics.jsonl"), key)
+    b = _last(os.path.join(ref, stage, "metrics.jsonl"), key)
+    assert a == b, (stage, key, a, b)
