@@ -121,6 +121,8 @@ def make_init_from(cfg, model):
               "critic": ckpt_lib.init_from_workdir(rm, fresh["critic"]) if rm
               else fresh["critic"]}
     params = ckpt_lib.init_from_workdir(sft, fresh) if sft else fresh
+    if not head:                 # GRPO: no critic, nothing to zero
+      return params
     # A fresh value head starts at zero: a random projection of the trunk would put O(1) noise
     # into every early advantage (the scores are much smaller), drowning the policy signal until
     # the critic catches up.
