@@ -46,9 +46,9 @@ def test_simpo_example_trains_from_the_command_line(tmp_path):
 
 def test_a_loss_hyperparameter_the_loss_does_not_take_is_a_config_error(tmp_path):
   cmd = [sys.executable, "-m", "gptjax.main", "train", "--config",
-         os.path.join(REPO, "experiments", "rl.py") + ":dpo_micro", "--workdir",
-         str(tmp_path / "run"), "--config.loss.name=lm"]
+         os.path.join(REPO, "experiments", "shakespeare_char.py") + ":micro", "--workdir",
+         str(tmp_path / "run"), "--config.loss.name=dpo"]
   proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 2
-  assert "loss.beta" in proc.stderr and "Traceback" not in proc.stderr
+  assert "loss.z_loss" in proc.stderr and "Traceback" not in proc.stderr

@@ -126,9 +126,8 @@ class PreferenceSource:
 
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
-  if cfg.loss.name not in ("dpo", "ipo"):
-    raise config_lib.ConfigError(f"loss.name: stage 'dpo' trains 'dpo' or 'ipo', got "
-                                 f"{cfg.loss.name!r}")
+  # Any registered loss over a DPOBatch trains here (dpo, ipo, or one of your own, e.g. SimPO);
+  # bind_loss checks that the config's loss.* hyperparameters are ones the loss takes.
   if not cfg.data.train_source:
     raise config_lib.ConfigError("data.train_source: DPO needs preference pairs "
                                  "(preference_jsonl:PATH)")
