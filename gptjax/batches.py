@@ -11,7 +11,6 @@ Token conventions (shared by every stage):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 from gptjax.stages import rl as rl_stage
 

@@ -117,7 +117,7 @@ def from_json(path: str) -> ml_collections.ConfigDict:
 
 def validate(cfg, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Checks fields against each other and the hardware; every message names its field."""
-  from gptjax import model as model_lib, sharding
+  from gptjax import sharding
   import jax
   num_devices = jax.device_count() if num_devices is None else num_devices
   try:

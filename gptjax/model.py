@@ -241,7 +241,6 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     init = nn.initializers.normal(0.02)
-    bias_init = _init(("heads", "head_dim"), nn.initializers.zeros)
     dense = lambda feats, names, name: nn.DenseGeneral(
         feats, axis=-1, use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name=name,
         kernel_init=_init(names, init),

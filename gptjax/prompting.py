@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import re
 from typing import Any, Callable, Sequence
 

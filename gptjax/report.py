@@ -144,11 +144,11 @@ def write(run_dir: str) -> str:
   if compare and compare.get("policies"):
     lines += ["## Results on held-out prompts", "",
               f"{compare.get('num_prompts', '?')} prompts from plays never seen in training.", "",
-              "| model | gold score (mean ± s.e.) | RM score | KL to SFT | distinct-2 | "
-              "ends its turn |", "|---|---|---|---|---|---|"]
+              "| model | gold score (mean ± s.e.) | KL to SFT | distinct-2 | ends its turn |",
+              "|---|---|---|---|---|"]
     for name, p in compare["policies"].items():
       lines.append(f"| {name} | {_fmt(p.get('gold_mean'))} ± {_fmt(p.get('gold_se'))} | "
-                   f"{_fmt(p.get('rm_mean'))} | {_fmt(p.get('kl_to_sft'))} | "
+                   f"{_fmt(p.get('kl_to_sft'))} | "
                    f"{_fmt(p.get('distinct_2'))} | {_fmt(p.get('eos_fraction'), 2)} |")
     lines.append("")
     bar = _bar(run_dir, compare, "gold_by_stage.png")

@@ -11,7 +11,6 @@ the optax update and the norms. The state is donated, so its buffers are reused 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn

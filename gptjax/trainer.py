@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptjax import checkpoint as ckpt_lib

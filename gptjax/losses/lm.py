@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptjax.losses import common, register
+from gptjax.losses import register
 
 
 def lm_loss(params, batch, *, frozen=None, rng=None, model, z_loss: float = 0.0,

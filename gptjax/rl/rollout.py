@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import importlib
 import json
-import os
 import time
 from typing import Callable, Sequence
 
@@ -119,28 +118,6 @@ def make_reward_fn(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
   raise ValueError(f"rl.reward: unknown reward {spec!r}; expected 'rm', 'gold', 'contains:WORD', "
                    "'char_fraction:C' or 'python:MODULE:FN'")
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _rm_forward(model, params, tokens, total_lengths):
-  t = tokens.shape[1]
-  real = (jnp.arange(t)[None, :] < total_lengths[:, None]).astype(jnp.int32)
-  out = model.apply({"params": params}, tokens, segment_ids=real, compute_logits=False)
-  # The score is read at the last real token, the same helper rule the RM was trained with.
-  last = jnp.maximum(total_lengths - 1, 0)
-  return jnp.take_along_axis(out.values, last[:, None], axis=1)[:, 0]
-
-
-class RewardModelScorer:
-  """Scores full sequences (prompt + completion) with a reward model's scalar head."""
-
-  def __init__(self, model, params):
-    if not model.cfg.scalar_head:
-      model = GPT(dataclasses.replace(model.cfg, scalar_head=True))
-    self.model, self.params = model, params
-
-  def __call__(self, *, tokens, total_lengths, prompt_texts=None, completion_texts=None):
-    return np.asarray(_rm_forward(self.model, self.params, tokens, total_lengths), np.float32)
 
 
 class TokenScorer:

@@ -18,7 +18,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib

@@ -141,37 +141,15 @@ def initial_params(cfg, model, mesh, init_params, init_from):
   return init_from(params) if init_from is not None else params
 
 
-def load_reward_model(workdir: str):
-  """(model, params) of a trained reward model, via the reward stage's loader when present."""
-  try:
-    from gptjax.stages import reward as reward_stage
-    loader = getattr(reward_stage, "load_reward_model", None)
-  except ModuleNotFoundError:
-    loader = None
-  if loader is not None:
-    loaded = loader(workdir)
-    if isinstance(loaded, (tuple, list)):
-      return loaded[0], loaded[1]
-    return loaded.model, loaded.params        # RewardScorer: params carry its bias
-  mcfg = _workdir_model_cfg(workdir, scalar_head=True)
-  model = GPT(mcfg)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(
-      model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
-  return model, ckpt_lib.restore_params(workdir, abstract)
-
-
 def make_scorer(cfg):
   spec = cfg.rl.reward
   if spec == "rm":
     if not cfg.rl.reward_workdir:
       raise config_lib.ConfigError("rl.reward='rm' needs rl.reward_workdir (the reward stage)")
-    try:
-      from gptjax.stages import reward as reward_stage
-      # The reward stage's scorer reads the score its own way and adds its normalisation bias.
-      return rollout_lib.TokenScorer(reward_stage.load_reward_model(cfg.rl.reward_workdir))
-    except (ImportError, AttributeError):
-      model, params = load_reward_model(cfg.rl.reward_workdir)
-      return rollout_lib.RewardModelScorer(model, params)
+    # The reward stage's scorer reads the score at the last real token and adds its
+    # normalisation bias, exactly as the RM was evaluated.
+    from gptjax.stages import reward as reward_stage
+    return rollout_lib.TokenScorer(reward_stage.load_reward_model(cfg.rl.reward_workdir))
   return rollout_lib.TextScorer(rollout_lib.make_reward_fn(spec))
 
 
@@ -360,7 +338,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   policy, reference: a workdir or (model, params[, tokenizer]); the reference (SFT) gives the
   KL estimate E[Σ_t log π − log π_ref] over the policy's own samples at `temperature`.
   best_of > 1 draws that many replies per prompt and keeps the one `scorer` (e.g. the RM's
-  RewardModelScorer) likes best; its KL to the sampler is the analytic log n − (n−1)/n.
+  RewardScorer via rollout.TokenScorer) likes best; its KL to the sampler is the analytic log n − (n−1)/n.
   Returns {gold_mean, gold_se, kl_to_ref, distinct_2, eos_fraction, n, ...} and, with out_dir,
   writes <out_dir>/eval.json (the metrics and `num_samples` samples) and eval_samples.jsonl (all).
   """
