@@ -4,8 +4,9 @@
     out = model.apply({"params": params}, inputs, positions=..., segment_ids=...)
     out.logits [B,T,V] float32, out.hidden [B,T,D] (after the final norm), out.values [B,T] or None
 
-Decoding passes a KV cache (see `init_cache`) and the slot to write at; the same code path serves
-training, prefill and one-token decode, so cached logits equal full-forward logits.
+Decoding passes a KV cache (see `init_cache`) and the slot to write at. Training scans one `Block`
+over the stacked layer parameters; with a cache the same `Block` runs once per layer on its slice
+of those parameters and its own cache buffers, so cached logits equal full-forward logits.
 
 Attention masks come from segment ids: a query attends to a key when the key is not in its future
 and both belong to the same segment. Packed documents never see each other, and padding (segment
@@ -120,11 +121,19 @@ class ModelOutput:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """An empty KV cache: k, v [L,B,S,N,K] and the segment id of each slot [B,S] (0 = empty)."""
+  """An empty KV cache: per-layer tuples of k [B,M,K,S] and v [B,M,S,K] (M kv heads, S slots),
+  and the segment id of each slot [B,S] (0 = empty).
+
+  One buffer per layer, not one [L,...] array: a decode step then writes one slot of each layer in
+  place, where a stacked cache fed through the layer scan is sliced out and stacked back every
+  step. The layouts are the ones the attention matmuls read directly (see `cached_attention`).
+  """
   cfg = cfg.resolved()
   dt = _DTYPES[cfg.dtype] if dtype is None else dtype
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+  m, k = cfg.num_kv_heads, cfg.head_dim
+  layers = range(cfg.num_layers)
+  return {"k": tuple(jnp.zeros((batch, m, k, length), dt) for _ in layers),
+          "v": tuple(jnp.zeros((batch, m, length, k), dt) for _ in layers),
           "segment_ids": jnp.zeros((batch, length), jnp.int32)}
 
 
@@ -232,6 +241,24 @@ def _attention_bwd(res, g_out):
 einsum_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def cached_attention(q, k, v, mask):
+  """Softmax attention over a KV cache (forward only): q [B,T,N,K]; the cache in the layouts the
+  two matmuls read without a transpose, k [B,M,K,S] and v [B,M,S,K]; mask [B,T,S].
+
+  The training layout [B,S,M,K] would make XLA transpose every layer's whole cache on every decode
+  step before each matmul; at batch 64 those copies, not the arithmetic, set the step time.
+  """
+  b, t, n, d = q.shape
+  m = k.shape[1]
+  qg = q.reshape(b, t, m, n // m, d).transpose(0, 2, 3, 1, 4).reshape(b, m, -1, d)  # [B,M,G*T,K]
+  s = jnp.einsum("bmqd,bmds->bmqs", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+  s = s.reshape(b, m, n // m, t, -1)
+  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).reshape(b, m, -1, s.shape[-1])
+  out = jnp.einsum("bmqs,bmsd->bmqd", p.astype(v.dtype), v)                       # [B,M,G*T,K]
+  return out.reshape(b, m, n // m, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   deterministic: bool = True
@@ -258,28 +285,32 @@ class Attention(nn.Module):
     t = x.shape[1]
     q_slots = jnp.arange(t)
     if layer_cache is not None:
-      # Write this call's keys and values at [cache_index, cache_index + T) and attend over the
-      # whole cache; empty slots have segment 0 and are masked like padding.
-      ck = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                        (0, cache_index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                        (0, cache_index, 0, 0))
+      # Write this call's keys and values at slots [cache_index, cache_index + T) and attend over
+      # the whole cache; empty slots have segment 0 and are masked like padding.
+      ck = jax.lax.dynamic_update_slice(
+          layer_cache["k"], k.transpose(0, 2, 3, 1).astype(layer_cache["k"].dtype),
+          (0, 0, 0, cache_index))
+      cv = jax.lax.dynamic_update_slice(
+          layer_cache["v"], v.transpose(0, 2, 1, 3).astype(layer_cache["v"].dtype),
+          (0, 0, cache_index, 0))
       layer_cache = {"k": ck, "v": cv}
-      k, v, kv_seg = ck.astype(dt), cv.astype(dt), cache_segment_ids
       q_slots = q_slots + cache_index
+      kv_slots = jnp.arange(ck.shape[-1])
+      causal = kv_slots[None, :] <= q_slots[:, None]                              # [T,S]
+      same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]             # [B,T,S]
+      out = cached_attention(q, ck.astype(dt), cv.astype(dt), causal[None] & same)
     else:
-      kv_seg = segment_ids
-    kv_slots = jnp.arange(k.shape[1])
-    causal = kv_slots[None, :] <= q_slots[:, None]                                # [T,S]
-    same = segment_ids[:, :, None] == kv_seg[:, None, :]                          # [B,T,S]
-    mask = (causal[None] & same)[:, None]                                         # [B,1,T,S]
-    impl = cfg.attention_impl
-    if impl is None and jax.default_backend() == "cpu":
-      impl = "einsum"
-    if impl == "einsum":
-      out = einsum_attention(q, k, v, mask)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+      kv_slots = jnp.arange(k.shape[1])
+      causal = kv_slots[None, :] <= q_slots[:, None]                              # [T,S]
+      same = segment_ids[:, :, None] == segment_ids[:, None, :]                   # [B,T,S]
+      mask = (causal[None] & same)[:, None]                                       # [B,1,T,S]
+      impl = cfg.attention_impl
+      if impl is None and jax.default_backend() == "cpu":
+        impl = "einsum"
+      if impl == "einsum":
+        out = einsum_attention(q, k, v, mask)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dt, param_dtype=pdt, name="out",
@@ -319,8 +350,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Scanned over layers, so the carry is x and the per-layer input is
-  that layer's slice of the KV cache."""
+  """Pre-norm residual block. Training scans it over layers (the carry is x; `layer_cache` is
+  None); cached decoding calls it once per layer with that layer's k/v buffers."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -360,24 +391,22 @@ class GPT(nn.Module):
       x = x + pos(positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
-    cache_segment_ids, layer_caches = None, None
-    if cache is not None:
-      # Slots written by this call take the segment ids of the tokens written there.
-      cache_segment_ids = jax.lax.dynamic_update_slice(
-          cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
-      layer_caches = {"k": cache["k"], "v": cache["v"]}
-
     block = Block
     if cfg.remat != "none":
       policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
                 if cfg.remat == "dots" else None)
       block = nn.remat(Block, policy=policy, prevent_cse=False)
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                    unroll=cfg.scan_unroll or cfg.num_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-    x, new_layer_caches = stack(cfg, deterministic, name="blocks")(
-        x, layer_caches, (positions, segment_ids, cache_segment_ids, cache_index))
+    new_cache = None
+    if cache is None or self.is_initializing():
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                      unroll=cfg.scan_unroll or cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, deterministic, name="blocks")(x, None, (positions, segment_ids, None, 0))
+    else:
+      x, new_cache = self._cached_layers(x, positions, segment_ids, cache, cache_index,
+                                         deterministic)
     hidden = make_norm(cfg, "ln_final")(x)
 
     logits = None
@@ -398,27 +427,50 @@ class GPT(nn.Module):
                         bias_init=_init((None,), nn.initializers.zeros))(
                             hidden.astype(jnp.float32))[..., 0]
 
-    new_cache = None
-    if cache is not None:
-      new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"],
-                   "segment_ids": cache_segment_ids}
     return ModelOutput(logits=logits, hidden=hidden, values=values, cache=new_cache)
+
+  def _cached_layers(self, x, positions, segment_ids, cache, cache_index, deterministic):
+    """The layers, unrolled in Python, each reading and writing its own cache buffer.
+
+    Parameters are the scanned "blocks" tree ([L, ...] leaves), so checkpoints and shardings are
+    the training ones; layer i runs `Block` on slice i of it. Same modules, same arithmetic as
+    the scan, so cached logits equal full-forward logits.
+    """
+    cfg = self.cfg.resolved()
+    if len(cache["k"]) != cfg.num_layers:
+      raise ValueError(f"KV cache has {len(cache['k'])} layers, model has {cfg.num_layers}; "
+                       "build it with gptjax.model.init_cache")
+    # Slots written by this call take the segment ids of the tokens written there.
+    cache_segment_ids = jax.lax.dynamic_update_slice(
+        cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
+    stacked = nn.meta.unbox(self.variables["params"]["blocks"])
+    rngs = {"dropout": self.make_rng("dropout")} if not deterministic else {}
+    ctx = (positions, segment_ids, cache_segment_ids, cache_index)
+    ks, vs = [], []
+    for i in range(cfg.num_layers):
+      layer_params = jax.tree.map(lambda a, i=i: a[i], stacked)
+      x, lc = Block(cfg, deterministic, parent=None).apply(
+          {"params": layer_params}, x, {"k": cache["k"][i], "v": cache["v"][i]}, ctx,
+          rngs={k: jax.random.fold_in(r, i) for k, r in rngs.items()})
+      ks.append(lc["k"])
+      vs.append(lc["v"])
+    return x, {"k": tuple(ks), "v": tuple(vs), "segment_ids": cache_segment_ids}
 
 
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, lm_head: bool = True) -> float:
   """Training FLOPs per token: 6·N for the matmuls plus 12·L·T·D for attention (PaLM appendix B).
 
   N counts the non-embedding parameters plus the LM head (the embedding lookup is free, the head
-  projection is not).
+  projection is not). A reward model never runs the LM head: pass `lm_head=False`.
   """
   cfg = cfg.resolved()
   d, l, f = cfg.d_model, cfg.num_layers, cfg.mlp_dim
   kv = cfg.num_kv_heads * cfg.head_dim
   attn = d * d * 2 + d * kv * 2
   mlp = d * f * (3 if cfg.activation == "swiglu" else 2)
-  n = l * (attn + mlp) + d * cfg.vocab_size
+  n = l * (attn + mlp) + (d * cfg.vocab_size if lm_head else d)
   return 6.0 * n + 12.0 * l * seq_len * d
