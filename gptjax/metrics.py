@@ -6,8 +6,10 @@ MFU (model FLOPs utilisation) is one formula everywhere:
 
 with `model.flops_per_token` = 6·N + 12·L·T·D (N: non-embedding parameters plus the LM head;
 the attention term counts QKᵀ and AV for forward and backward, PaLM appendix B). Peaks are dense
-(no sparsity) vendor figures for the compute dtype; the CPU's peak is measured once on this
-machine with a large float32 matmul and cached.
+(no sparsity) vendor figures for the compute dtype. A CPU's peak is worked out the same way, from
+its datasheet quantities: usable cores × clock × float32 FLOPs per cycle from its vector units
+(`cpu_peak_flops`). Only where /proc/cpuinfo is missing is it measured, as the rate of a large
+jitted matmul, which is an achieved figure rather than a peak, so MFU then reads high.
 """
 
 from __future__ import annotations
@@ -49,10 +51,50 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
+def cpu_peak_flops(cpuinfo: str | None = None, cores: int | None = None) -> float | None:
+  """Theoretical float32 FLOP/s of the cores this process may run on, from /proc/cpuinfo.
+
+  FLOPs per cycle per core by vector extension: AVX-512 64 (two 16-wide FMA units), AVX2 with FMA
+  32 (two 8-wide FMA units), AVX 16, otherwise 8. The clock is the highest "cpu MHz" listed. The
+  environment variable GPTJAX_CPU_PEAK_FLOPS overrides all of this. None when unknown.
+  """
+  if os.environ.get("GPTJAX_CPU_PEAK_FLOPS"):
+    return float(os.environ["GPTJAX_CPU_PEAK_FLOPS"])
+  info = cpuinfo
+  if info is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        info = f.read()
+    except OSError:
+      return None
+  mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+  flags = set()
+  for line in info.splitlines():
+    if line.startswith("flags"):
+      flags.update(line.split(":")[1].split())
+  if not mhz or not flags:
+    return None
+  if "avx512f" in flags:
+    per_cycle = 64
+  elif "avx2" in flags and "fma" in flags:
+    per_cycle = 32
+  elif "avx" in flags:
+    per_cycle = 16
+  else:
+    per_cycle = 8
+  if cores is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return cores * max(mhz) * 1e6 * per_cycle
+
+
 def peak_flops(device=None, dtype: str = "float32") -> float:
   device = device or jax.devices()[0]
   kind = device.device_kind.lower()
   if device.platform == "cpu":
+    peak = cpu_peak_flops()
+    if peak:
+      # All simulated host devices share these cores; MFU divides by the device count, so split.
+      return peak / max(1, len(jax.local_devices(backend="cpu")))
     try:
       with open(_CPU_PEAK_CACHE) as f:
         return float(json.load(f)["flops"])

@@ -346,7 +346,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
       cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
       init_params=common.init_params_fn(env.model), init_from=init_from, evaluate=evaluate,
       tokens_per_step=gb * k * seq,
-      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq), progress=progress)
+      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq, lm_head=False), progress=progress)
   if result.interrupted:
     return result
 
