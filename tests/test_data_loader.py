@@ -68,6 +68,17 @@ def test_one_epoch_covers_every_pair_once():
   assert sorted(real.tolist()) == sorted(np.concatenate([d[:-1] for d in docs]).tolist())
 
 
+@pytest.mark.parametrize("mode", ["stream", "first_fit"])
+def test_finite_epoch_ends_the_same_with_and_without_prefetch(mode):
+  # Without a prefetch thread the producer's end-of-data marker used to escape as an exception
+  # instead of ending the iteration.
+  docs = _docs(25) if mode == "stream" else _sft(_docs(25))
+  threaded = list(_make(docs, mode=mode, num_epochs=1))
+  inline = list(_make(docs, mode=mode, num_epochs=1, prefetch=0))
+  assert len(inline) == len(threaded) > 1
+  assert all(_same(a, b) for a, b in zip(inline, threaded))
+
+
 def test_sft_dropped_examples_are_counted():
   docs = _sft(_docs(20)) + [None, None]
   it = _make(docs, mode="first_fit", num_epochs=1)

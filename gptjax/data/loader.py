@@ -125,7 +125,10 @@ class PackedLoader:
     if self.prefetch <= 0:
       if self._thread is None:
         self._thread = self._produce(_copy_state(self._state), threading.Event())
-      item = next(self._thread)
+      try:
+        item = next(self._thread)
+      except BaseException as e:  # the generator is finished; the same handling as a queued error
+        item = e
     else:
       if self._thread is None:
         self._start()
