@@ -9,7 +9,7 @@ With `data.source=generated` (the default) the run first samples `rm_data.replie
 replies per prompt from the SFT model and ranks them with the noisy labeler (gptjax/rm_data.py),
 into `<workdir>/preferences/` unless `rm_data.out_dir` says otherwise. The `sft` fields must match
 the SFT run's (they set the prompt cut and the reply budget). Presets: `micro` (tests), `tiny`
-(2 CPU cores; with experiments/sft.py:tiny, SFT + preference data + RM in about five minutes),
+(2 CPU cores; with experiments/sft.py:tiny, SFT + preference data + RM in about six minutes),
 `gpu`.
 """
 
@@ -45,9 +45,12 @@ def get_config(arg=None):
   if preset == "tiny":
     c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=64)
     c.data.seq_len = 64
-    c.train.update(steps=200, batch_size=8, log_every=10, eval_every=100, eval_batches=0,
-                   checkpoint_every=100)
-    c.optim.update(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1)
+    # Data, not steps, limits this RM: on 1024 prompts it overfits (train loss 0.02, held-out
+    # accuracy 74%); 4096 prompts lift noiseless accuracy to ~82% (README, Results).
+    c.rm_data.train_prompts = 4096
+    c.train.update(steps=400, batch_size=16, log_every=10, eval_every=200, eval_batches=0,
+                   checkpoint_every=200)
+    c.optim.update(lr=3e-4, warmup_steps=20, min_lr_ratio=0.1)
   elif preset == "micro":   # tests: seconds
     c.model.update(num_layers=2, num_heads=2, d_model=32, max_len=32)
     c.data.seq_len = 32

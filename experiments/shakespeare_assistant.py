@@ -63,7 +63,7 @@ def get_config(arg=None):
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.stages = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "compare",
                        "report")
-  c.pipeline.num_eval_prompts = {"micro": 8, "tiny": 64, "gpu": 256, "tpu": 256}[preset]
+  c.pipeline.num_eval_prompts = {"micro": 8, "tiny": 256, "gpu": 512, "tpu": 512}[preset]
   c.pipeline.best_of_n = (1, 2, 4, 8, 16) if preset != "micro" else (1, 2, 4)
   c.pipeline.num_side_by_side = 4
   c.tokenizer = ml_collections.ConfigDict(dict(

@@ -6,7 +6,9 @@ Stages run in `cfg.pipeline.stages` order: tokenizer → pretrain → sft → rm
 with grpo and dpo as optional branches from SFT, then the comparison and the report card. Each
 stage writes `<run>/<stage>/done.json` when it completes; running the command again skips completed
 stages and resumes a partial one from its own checkpoints, so a killed pipeline finishes with the
-same result as an uninterrupted one.
+same result as an uninterrupted one. `done.json` records the config fields the stage depends on; a
+completed stage whose fields differ from the current config is an error (its results are kept),
+except the comparison, which runs again, e.g. when GRPO or DPO are added to a finished run.
 """
 
 from __future__ import annotations
@@ -50,6 +52,49 @@ def _mark_done(run_dir: str, name: str, info: dict) -> None:
   with open(tmp, "w") as f:
     json.dump(info, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(d, DONE_FILE))   # atomic: a kill never leaves a half marker
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def stage_fingerprint(cfg, name: str, run_dir: str) -> dict:
+  """The config fields a stage's result depends on, flattened; recorded in its done.json.
+
+  A stage's own sub-config (plus the seed): a change upstream is caught at the upstream stage.
+  The comparison also depends on which RL stages it compares.
+  """
+  if name == "tokenizer":
+    parts = {"tokenizer": cfg.tokenizer.to_dict()}
+  elif name == "rm_data":
+    parts = {"reward.rm_data": cfg.reward.rm_data.to_dict(), "reward.sft": cfg.reward.sft.to_dict()}
+  elif name == "compare":
+    pc = cfg.pipeline.to_dict()
+    pc.pop("stages")
+    parts = {"pipeline": pc, "ppo.rl": cfg.ppo.rl.to_dict(),
+             "compared": [n for n in ("ppo", "grpo", "dpo")
+                          if n in cfg.pipeline.stages and is_done(run_dir, n)]}
+  elif name == "report":
+    parts = {}                      # rewritten from the files on every run
+  else:
+    parts = {name: cfg[name].to_dict()}
+  parts["seed"] = cfg.seed
+  # A JSON round trip, so a fingerprint read back from done.json compares equal to a fresh one.
+  return json.loads(json.dumps(_flat(parts), sort_keys=True, default=str))
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+  keys = sorted(set(old) | set(new))
+  missing = "(absent)"
+  return [f"{k}: {old.get(k, missing)!r} then, {new.get(k, missing)!r} now"
+          for k in keys if old.get(k, missing) != new.get(k, missing)]
 
 
 def stage_config(cfg, name: str, run_dir: str, *, init_from: str = ""):
@@ -184,9 +229,26 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
     with open(os.path.join(run_dir, "environment.json"), "w") as f:
       json.dump(environment(), f, indent=2)
   for name in stages:
+    fingerprint = stage_fingerprint(cfg, name, run_dir)
     if is_done(run_dir, name) and name != "report":
-      print(f"[pipeline] {name}: complete, skipping", flush=True)
-      continue
+      recorded = read_done(run_dir, name).get("config")
+      changes = [] if recorded is None else _config_changes(recorded, fingerprint)
+      if not changes:
+        print(f"[pipeline] {name}: complete, skipping", flush=True)
+        continue
+      if name != "compare":
+        # Never reuse a result made under other settings, and never delete it either: the
+        # researcher decides which of the two runs they meant.
+        shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+        raise config_lib.ConfigError(
+            f"pipeline stage {name!r} in {stage_dir(run_dir, name)} was completed with a "
+            f"different config ({len(changes)} field(s): {shown}). Its results are kept. To run "
+            f"the stage again with the new config, move that directory aside (the stages after "
+            f"it too); to reuse it, pass the original values, or choose another --workdir.")
+      # The comparison is derived from the stages' checkpoints and is cheap to redo, e.g. after
+      # `--config.pipeline.stages` adds GRPO or DPO to a finished run.
+      print(f"[pipeline] compare: config changed ({'; '.join(changes)}); running it again",
+            flush=True)
     print(f"[pipeline] {name}: running", flush=True)
     t0 = time.time()
     info = STAGE_FNS[name](cfg, run_dir, progress)
@@ -194,6 +256,7 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
       print(f"[pipeline] {name}: interrupted; run the same command again to resume", flush=True)
       return 143
     info["wall_s"] = time.time() - t0
+    info["config"] = fingerprint
     _mark_done(run_dir, name, info)
     print(f"[pipeline] {name}: done in {info['wall_s']:.1f}s", flush=True)
   return 0

@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, child_env, pipeline_cmd
+from conftest import PIPELINE_STAGES, REPO, child_env, pipeline_cmd
 
 
 def _last(path, key):
@@ -49,6 +50,34 @@ def test_second_run_skips_completed_stages(micro_pipeline):
     assert f"[pipeline] {stage}: complete, skipping" in proc.stdout, stage
   assert "running" not in proc.stdout.replace("[pipeline] report: running", "")
   assert time.time() - t < 120
+
+
+def test_a_finished_stage_under_another_config_is_an_error_and_is_kept(micro_pipeline):
+  ppo_files = sorted(os.listdir(os.path.join(micro_pipeline, "ppo", "checkpoints")))
+  cmd = pipeline_cmd(micro_pipeline) + ["--config.ppo.rl.kl_coef=0.5"]
+  proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode != 0
+  assert "[pipeline] reward: complete, skipping" in proc.stdout   # stages before it are fine
+  err = proc.stderr
+  assert "pipeline stage 'ppo'" in err and "different config" in err, err[-2000:]
+  assert "ppo.rl.kl_coef: 0.01 then, 0.5 now" in err, err[-2000:]
+  assert "Traceback" not in err
+  assert sorted(os.listdir(os.path.join(micro_pipeline, "ppo", "checkpoints"))) == ppo_files
+  assert os.path.exists(os.path.join(micro_pipeline, "ppo", "done.json"))
+
+
+def test_comparison_runs_again_when_the_compared_stages_change(micro_pipeline, tmp_path):
+  run = str(tmp_path / "run")
+  shutil.copytree(micro_pipeline, run)
+  stages = [s for s in PIPELINE_STAGES if s != "dpo"]
+  proc = subprocess.run(pipeline_cmd(run, stages), env=child_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[pipeline] compare: config changed" in proc.stdout
+  assert "[pipeline] ppo: complete, skipping" in proc.stdout
+  cmp = json.load(open(os.path.join(run, "compare.json")))
+  assert "dpo" not in cmp["policies"] and {"ppo", "grpo"} <= set(cmp["policies"])
 
 
 def test_killed_pipeline_resumes_to_the_same_result(micro_pipeline, tmp_path):
