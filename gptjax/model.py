@@ -121,7 +121,7 @@ class ModelOutput:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """An empty KV cache: per-layer tuples of k [B,M,K,S] and v [B,M,S,K] (M kv heads, S slots),
+  """An empty KV cache: per-layer tuples of k [B,N,K,S] and v [B,N,S,K] (N KV heads, S slots),
   and the segment id of each slot [B,S] (0 = empty).
 
   One buffer per layer, not one [L,...] array: a decode step then writes one slot of each layer in
@@ -201,7 +201,7 @@ gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 @jax.custom_vjp
 def einsum_attention(q, k, v, mask):
-  """Softmax attention: q [B,T,N,K], k and v [B,S,M,K] (M divides N), boolean mask [B,1,T,S].
+  """Softmax attention: q [B,T,H,K], k and v [B,S,N,K] (N divides H), boolean mask [B,1,T,S].
 
   The backward is written out from the saved probabilities P: dS = P·(dP − rowsum(dO·O)), the
   usual softmax identity, so it never recomputes the exponentials or re-applies the mask.
@@ -217,7 +217,7 @@ def _attention_fwd(q, k, v, mask):
   s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
   s = s - jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s)
-  p = e / jnp.sum(e, axis=-1, keepdims=True)               # [B,M,G,T,S] float32
+  p = e / jnp.sum(e, axis=-1, keepdims=True)               # [B,N,R,T,S] float32
   out = jnp.einsum("bmgts,bsmd->btmgd", p.astype(v.dtype), v).reshape(b, t, n, d)
   return out, (q, k, v, mask, p, out)
 
@@ -229,9 +229,9 @@ def _attention_bwd(res, g_out):
   qg, gg = q.reshape(b, t, m, n // m, d), g_out.reshape(b, t, m, n // m, d)
   dv = jnp.einsum("bmgts,btmgd->bsmd", p.astype(v.dtype), gg)
   dp = jnp.einsum("btmgd,bsmd->bmgts", gg, v, preferred_element_type=jnp.float32)
-  # rowsum(dP·P) equals rowsum(dO·O) per query, which is a [B,T,N] reduction instead of [.,T,S].
+  # rowsum(dP·P) equals rowsum(dO·O) per query, which is a [B,T,H] reduction instead of [.,T,S].
   delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = delta.reshape(b, t, m, n // m).transpose(0, 2, 3, 1)[..., None]      # [B,M,G,T,1]
+  delta = delta.reshape(b, t, m, n // m).transpose(0, 2, 3, 1)[..., None]      # [B,N,R,T,1]
   ds = (p * (dp - delta) * d ** -0.5).astype(q.dtype)
   dq = jnp.einsum("bmgts,bsmd->btmgd", ds, k).reshape(b, t, n, d)
   dk = jnp.einsum("bmgts,btmgd->bsmd", ds, qg)
@@ -242,20 +242,20 @@ einsum_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def cached_attention(q, k, v, mask):
-  """Softmax attention over a KV cache (forward only): q [B,T,N,K]; the cache in the layouts the
-  two matmuls read without a transpose, k [B,M,K,S] and v [B,M,S,K]; mask [B,T,S].
+  """Softmax attention over a KV cache (forward only): q [B,T,H,K]; the cache in the layouts the
+  two matmuls read without a transpose, k [B,N,K,S] and v [B,N,S,K]; mask [B,T,S].
 
-  The training layout [B,S,M,K] would make XLA transpose every layer's whole cache on every decode
+  The training layout [B,S,N,K] would make XLA transpose every layer's whole cache on every decode
   step before each matmul; at batch 64 those copies, not the arithmetic, set the step time.
   """
   b, t, n, d = q.shape
   m = k.shape[1]
-  qg = q.reshape(b, t, m, n // m, d).transpose(0, 2, 3, 1, 4).reshape(b, m, -1, d)  # [B,M,G*T,K]
+  qg = q.reshape(b, t, m, n // m, d).transpose(0, 2, 3, 1, 4).reshape(b, m, -1, d)  # [B,N,R*T,K]
   s = jnp.einsum("bmqd,bmds->bmqs", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
   s = s.reshape(b, m, n // m, t, -1)
   s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).reshape(b, m, -1, s.shape[-1])
-  out = jnp.einsum("bmqs,bmsd->bmqd", p.astype(v.dtype), v)                       # [B,M,G*T,K]
+  out = jnp.einsum("bmqs,bmsd->bmqd", p.astype(v.dtype), v)                       # [B,N,R*T,K]
   return out.reshape(b, m, n // m, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
