@@ -8,8 +8,10 @@ with `model.flops_per_token` = 6·N + 12·L·T·D (N: non-embedding parameters p
 the attention term counts QKᵀ and AV for forward and backward, PaLM appendix B). Peaks are dense
 (no sparsity) vendor figures for the compute dtype. A CPU's peak is worked out the same way, from
 its datasheet quantities: usable cores × clock × float32 FLOPs per cycle from its vector units
-(`cpu_peak_flops`). Only where /proc/cpuinfo is missing is it measured, as the rate of a large
-jitted matmul, which is an achieved figure rather than a peak, so MFU then reads high.
+(`cpu_peak_flops`). With GPTJAX_CPU_PEAK_FLOPS=measure, or where /proc/cpuinfo is missing, it is
+measured instead, as the rate of a large jitted matmul (cached in ~/.cache/gptjax). That is an
+achieved figure rather than a peak, and on a shared host it moves with the load, so MFU against it
+reads high: a model step can beat a lone 1024² matmul, and the RM once read over 100%.
 """
 
 from __future__ import annotations
@@ -58,8 +60,15 @@ def cpu_peak_flops(cpuinfo: str | None = None, cores: int | None = None) -> floa
   32 (two 8-wide FMA units), AVX 16, otherwise 8. The clock is the highest "cpu MHz" listed. The
   environment variable GPTJAX_CPU_PEAK_FLOPS overrides all of this. None when unknown.
   """
-  if os.environ.get("GPTJAX_CPU_PEAK_FLOPS"):
-    return float(os.environ["GPTJAX_CPU_PEAK_FLOPS"])
+  env = os.environ.get("GPTJAX_CPU_PEAK_FLOPS", "").strip()
+  if env == "measure":
+    return None                      # peak_flops then measures a matmul instead
+  if env:
+    try:
+      return float(env)
+    except ValueError:
+      raise ValueError(f"GPTJAX_CPU_PEAK_FLOPS={env!r}: expected a number of FLOP/s (e.g. 1.5e11) "
+                       f"or 'measure'") from None
   info = cpuinfo
   if info is None:
     try:
@@ -91,13 +100,14 @@ def peak_flops(device=None, dtype: str = "float32") -> float:
   device = device or jax.devices()[0]
   kind = device.device_kind.lower()
   if device.platform == "cpu":
+    # All simulated host devices share these cores; MFU divides by the device count, so split.
+    share = max(1, len(jax.local_devices(backend="cpu")))
     peak = cpu_peak_flops()
     if peak:
-      # All simulated host devices share these cores; MFU divides by the device count, so split.
-      return peak / max(1, len(jax.local_devices(backend="cpu")))
+      return peak / share
     try:
       with open(_CPU_PEAK_CACHE) as f:
-        return float(json.load(f)["flops"])
+        return float(json.load(f)["flops"]) / share
     except (OSError, ValueError, KeyError):
       peak = measure_cpu_peak()
       try:
@@ -106,7 +116,7 @@ def peak_flops(device=None, dtype: str = "float32") -> float:
           json.dump({"flops": peak, "device_kind": kind}, f)
       except OSError:
         pass
-      return peak
+      return peak / share
   dt = "bfloat16" if dtype in ("bfloat16", "float16") else "float32"
   for name in sorted(PEAK_FLOPS, key=len, reverse=True):
     if name in kind:

@@ -284,6 +284,9 @@ class Attention(nn.Module):
 
     t = x.shape[1]
     q_slots = jnp.arange(t)
+    impl = cfg.attention_impl
+    if impl is None and jax.default_backend() == "cpu":
+      impl = "einsum"
     if layer_cache is not None:
       # Write this call's keys and values at slots [cache_index, cache_index + T) and attend over
       # the whole cache; empty slots have segment 0 and are masked like padding.
@@ -298,15 +301,20 @@ class Attention(nn.Module):
       kv_slots = jnp.arange(ck.shape[-1])
       causal = kv_slots[None, :] <= q_slots[:, None]                              # [T,S]
       same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]             # [B,T,S]
-      out = cached_attention(q, ck.astype(dt), cv.astype(dt), causal[None] & same)
+      mask = causal[None] & same
+      if t == 1 or impl == "einsum":
+        out = cached_attention(q, ck.astype(dt), cv.astype(dt), mask)
+      else:
+        # A long prefill on an accelerator keeps the fused kernel (e.g. cuDNN flash attention),
+        # which wants [B,S,N,K]: one transpose per prefill, never per decoded token.
+        out = jax.nn.dot_product_attention(
+            q, ck.transpose(0, 3, 1, 2).astype(dt), cv.transpose(0, 2, 1, 3).astype(dt),
+            mask=mask[:, None], implementation=impl)
     else:
       kv_slots = jnp.arange(k.shape[1])
       causal = kv_slots[None, :] <= q_slots[:, None]                              # [T,S]
       same = segment_ids[:, :, None] == segment_ids[:, None, :]                   # [B,T,S]
       mask = (causal[None] & same)[:, None]                                       # [B,1,T,S]
-      impl = cfg.attention_impl
-      if impl is None and jax.default_backend() == "cpu":
-        impl = "einsum"
       if impl == "einsum":
         out = einsum_attention(q, k, v, mask)
       else:

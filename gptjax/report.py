@@ -39,14 +39,28 @@ def _series(rows, key):
   return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def plotted_series(run_dir, stages, keys_by_stage):
+  """The (stage, metric) pairs a curve plot would draw: those logged at least once."""
+  return [(s, k) for s in stages for k in keys_by_stage(s)
+          if _series(_load_jsonl(os.path.join(run_dir, s, "metrics.jsonl")), k)[0]]
+
+
+def rm_keys(stage):
+  return ["rm/accuracy", "eval/rm_accuracy"]
+
+
 def _plot_curves(run_dir, stages, keys_by_stage, title, fname, ylabel=None):
-  present = [(s, k) for s in stages for k in keys_by_stage(s)
-             if _series(_load_jsonl(os.path.join(run_dir, s, "metrics.jsonl")), k)[0]]
+  present = plotted_series(run_dir, stages, keys_by_stage)
   if not present:
     return None
   n = len({s for s, _ in present})
-  fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
-  for ax, stage in zip(axes[0], dict.fromkeys(s for s, _ in present)):
+  # At most three panels a row: six stages in one row shrink to unreadable when displayed.
+  cols = min(n, 3)
+  rows_n = -(-n // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.axis("off")
+  for ax, stage in zip(axes.flat, dict.fromkeys(s for s, _ in present)):
     rows = _load_jsonl(os.path.join(run_dir, stage, "metrics.jsonl"))
     for s, k in present:
       if s == stage:
@@ -66,9 +80,9 @@ def _plot_curves(run_dir, stages, keys_by_stage, title, fname, ylabel=None):
   return fname
 
 
-def _loss_keys(stage):
+def loss_keys(stage):
   return {"pretrain": ["train/loss", "eval/loss"], "sft": ["train/loss", "eval/loss"],
-          "reward": ["train/loss", "eval/loss"], "dpo": ["train/loss", "eval/loss"]}.get(
+          "reward": ["train/loss", "eval/rm_loss"], "dpo": ["train/loss", "eval/loss"]}.get(
               stage, ["train/loss"])
 
 
@@ -160,10 +174,10 @@ def write(run_dir: str) -> str:
                 "If the RM has learned the labeler's preference, the gold score rises with N.", "",
                 f"![best of N]({bon})", ""]
 
-  loss = _plot_curves(run_dir, stages, _loss_keys, "Loss curves", "losses.png", "loss")
+  loss = _plot_curves(run_dir, stages, loss_keys, "Loss curves", "losses.png", "loss")
   if loss:
     lines += ["## Training curves", "", f"![losses]({loss})", ""]
-  rm = _plot_curves(run_dir, ["reward"], lambda s: ["rm/accuracy", "eval/rm/accuracy"],
+  rm = _plot_curves(run_dir, ["reward"], rm_keys,
                     "Reward model", "rm_accuracy.png", "pairwise accuracy")
   rm_eval = _load_json(os.path.join(run_dir, "reward", "eval.json"))
   if rm or rm_eval:

@@ -1,5 +1,6 @@
 """MFU's denominator: the CPU peak from datasheet quantities, and the per-token FLOP count."""
 
+import jax
 import pytest
 
 from gptjax import metrics
@@ -26,9 +27,19 @@ def test_cpu_peak_is_cores_times_clock_times_vector_flops(monkeypatch):
   assert metrics.cpu_peak_flops("model name: mystery\n", cores=2) is None
 
 
-def test_cpu_peak_env_override(monkeypatch):
+def test_cpu_peak_env_override(monkeypatch, tmp_path):
   monkeypatch.setenv("GPTJAX_CPU_PEAK_FLOPS", "1e11")
   assert metrics.cpu_peak_flops(_ZEN3, cores=2) == 1e11
+  # 'measure' selects the measured matmul rate, read from its cache when there is one.
+  cache = tmp_path / "cpu_peak.json"
+  cache.write_text('{"flops": 6.0e10}')
+  monkeypatch.setattr(metrics, "_CPU_PEAK_CACHE", str(cache))
+  monkeypatch.setenv("GPTJAX_CPU_PEAK_FLOPS", "measure")
+  assert metrics.cpu_peak_flops(_ZEN3, cores=2) is None
+  assert metrics.peak_flops() == pytest.approx(6.0e10 / len(jax.local_devices(backend="cpu")))
+  monkeypatch.setenv("GPTJAX_CPU_PEAK_FLOPS", "fast")
+  with pytest.raises(ValueError, match="GPTJAX_CPU_PEAK_FLOPS='fast'.*'measure'"):
+    metrics.cpu_peak_flops(_ZEN3, cores=2)
 
 
 def test_flops_per_token_counts_the_lm_head_only_when_asked():

@@ -40,6 +40,19 @@ def test_pipeline_produces_every_stage_and_the_report_card(micro_pipeline):
   assert first_sft["train/loss"] < __import__("math").log(vocab)
 
 
+def test_report_plots_the_held_out_curves_beside_the_training_ones(micro_pipeline):
+  from gptjax import report
+  # The metric names the plots ask for must be the ones the stages log, or a curve silently
+  # disappears from the report card.
+  assert report.plotted_series(micro_pipeline, ["reward"], report.rm_keys) == [
+      ("reward", "rm/accuracy"), ("reward", "eval/rm_accuracy")]
+  # (The micro DPO stage runs no evaluation, so only these three have held-out losses.)
+  losses = report.plotted_series(micro_pipeline, ["pretrain", "sft", "reward"], report.loss_keys)
+  for stage in ("pretrain", "sft", "reward"):
+    assert {(stage, "train/loss"), (stage, next(k for k in report.loss_keys(stage)
+                                                if k.startswith("eval/")))} <= set(losses), stage
+
+
 def test_second_run_skips_completed_stages(micro_pipeline):
   t = time.time()
   proc = subprocess.run(pipeline_cmd(micro_pipeline), env=child_env(), cwd=REPO,

@@ -34,9 +34,9 @@ LENGTHS = np.array([3, 6, 1], np.int32)
 
 
 @functools.cache
-def _model(variant="gpt2"):
+def _model(variant="gpt2", attention_impl=None):
   cfg = ModelConfig(vocab_size=48, num_layers=2, num_heads=2, d_model=32, max_len=64,
-                    variant=variant)
+                    variant=variant, attention_impl=attention_impl)
   model = GPT(cfg)
 
   @jax.jit
@@ -56,11 +56,13 @@ def _plain_logits(model, params, tokens):
 
 # ----- cache and log-prob parity ------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
-def test_cached_decode_logits_match_full_forward(variant):
+@pytest.mark.parametrize("variant,attention_impl",
+                         [("gpt2", None), ("llama", None), ("gpt2", "xla")])
+def test_cached_decode_logits_match_full_forward(variant, attention_impl):
   """The logits the sampler sees at every step equal a plain forward over the contiguous
-  sequence, for prompts of mixed lengths (learned positions and RoPE)."""
-  model, params = _model(variant)
+  sequence, for prompts of mixed lengths (learned positions and RoPE). With attention_impl='xla'
+  the prefill goes through jax.nn.dot_product_attention on the cache, as on an accelerator."""
+  model, params = _model(variant, attention_impl)
   c, eos, stops = sampling._controls(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                                      eos_ids=(), stop_sequences=(), **GREEDY)
   rng = jax.random.key(0)
