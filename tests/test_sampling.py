@@ -70,7 +70,7 @@ def test_cached_decode_logits_match_full_forward(variant, attention_impl):
                                 stops, rng, c)
   seen = [np.asarray(state.logits)]
   for _ in range(M - 1):
-    state = sampling._advance_jit(model, params, state, rng, c)
+    state = sampling._advance_jit(model, params, state, rng, c, PROMPTS.shape[1])
     seen.append(np.asarray(state.logits))
   out = jax.jit(sampling._finish, static_argnames="c")(jnp.asarray(PROMPTS), state, c)
   full = np.asarray(_plain_logits(model, params, out.tokens))                     # [B,T,V]
@@ -102,6 +102,23 @@ def test_logprobs_match_plain_forward(controls):
       assert np.isfinite(kept[np.arange(k), picked]).all()
     if controls is GREEDY:
       np.testing.assert_array_equal(picked, np.argmax(logits[b, here], -1))
+
+
+def test_phased_decode_matches_plain_forward_and_one_full_cache():
+  """A long generation decodes in phases over a growing cache. Its log-probs still equal a plain
+  forward's, and its tokens equal those of a step-by-step loop over one P + M cache (`stream`)."""
+  m = 3 * sampling._MIN_PHASE + 5
+  assert len(sampling.decode_phases(m)) == 3
+  model, params = _model("llama")                    # RoPE: no max_len limit on P + M
+  controls = dict(max_new_tokens=m, temperature=1.0, pad_id=PAD)
+  out = sampling.generate(model, params, PROMPTS, LENGTHS, rng=5, **controls)
+  assert (np.asarray(out.lengths) == m).all()        # no EOS: every row runs through all phases
+  ref = sampling.completion_logprobs(model, params, out, temperature=1.0)
+  np.testing.assert_allclose(out.logprobs, ref, atol=1e-5, rtol=0)
+  got = list(sampling.stream(model, params, [5, 6, 7], rng=5, bucket=1, **controls))
+  # Sampling is per row from the row's own logits and the step's key, so the first row's tokens
+  # do not depend on the other rows.
+  assert got == [int(t) for t in np.asarray(out.completion[0])]
 
 
 # ----- filters against NumPy references ----------------------------------------------------
@@ -172,6 +189,24 @@ def test_filter_logits_chains_in_hf_order(k, p, m):
   got = np.asarray(sampling.filter_logits(jnp.asarray(x), top_k=k, top_p=p, min_p=m))
   np.testing.assert_array_equal(np.isfinite(got), keep)
   np.testing.assert_array_equal(got[keep], x[keep])
+
+
+def test_sample_categorical_matches_softmax_and_never_draws_filtered_tokens():
+  """Inverse-CDF draws follow softmax(logits) row by row: each token's frequency over 100k draws
+  is within 5 standard errors of its probability, and -inf tokens are never drawn."""
+  n = 100_000
+  rows = np.array([[0.5, -np.inf, 2.0, -1.0, -np.inf, 1.0],       # masked tokens in between
+                   [-np.inf, -np.inf, 3.0, 3.0, -np.inf, -np.inf],  # a tie, masked ends
+                   [-np.inf, -np.inf, -np.inf, -np.inf, -np.inf, 7.0]], np.float32)  # one left
+  for row in rows:
+    logits = jnp.broadcast_to(jnp.asarray(row), (n, row.size))
+    draws = np.asarray(jax.jit(sampling.sample_categorical)(jax.random.key(3), logits))
+    counts = np.bincount(draws, minlength=row.size)
+    probs = np.exp(row - row.max())
+    probs /= probs.sum()
+    np.testing.assert_array_equal(counts[probs == 0], 0)
+    stderr = np.sqrt(n * probs * (1 - probs))
+    assert np.all(np.abs(counts - n * probs) <= 5 * stderr + 1e-9), (counts, n * probs)
 
 
 def test_repetition_penalty_hf_rule():
