@@ -137,3 +137,27 @@ def test_bad_specs_and_empty_sources(tmp_path, data_dir):
     open_source("shakespeare:sonnets", data_dir=data_dir)
   with pytest.raises(DataError, match="could not open TFDS dataset"):
     open_source("tfds:gptjax_no_such_dataset:text", data_dir=data_dir)
+
+
+def test_two_builders_racing_on_one_data_dir_both_get_the_data(tmp_path, data_dir, monkeypatch):
+  """Processes sharing a data_dir may build the same dataset at once. Here a second build starts
+  and finishes while the first is still writing; the first's final rename then finds the
+  dataset in place, and it reads that copy instead of failing."""
+  from gptjax.data import builders
+  spec = "preference_jsonl:" + _jsonl(tmp_path / "p.jsonl", [
+      {"prompt": "q", "chosen": "good", "rejected": "bad"},
+      {"prompt": "r", "chosen": "fine", "rejected": "poor"}])
+  original = builders.GptjaxPreferenceJsonl._generate_examples
+  raced = []
+
+  def racing(self, items):
+    if not raced:
+      raced.append(True)
+      other = open_source(spec, data_dir=data_dir, val_fraction=0.0)   # the other process
+      assert len(other) == 2
+    yield from original(self, items)
+
+  monkeypatch.setattr(builders.GptjaxPreferenceJsonl, "_generate_examples", racing)
+  prefs = open_source(spec, data_dir=data_dir, val_fraction=0.0)
+  assert raced
+  assert sorted(p["chosen"] for p in prefs) == ["fine", "good"]

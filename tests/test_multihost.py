@@ -1,6 +1,7 @@
 """Two real JAX processes on localhost (gloo CPU collectives) train like one process with the
 whole batch. Each child holds one CPU device; the (2, 1, 1) mesh spans both processes, and each
-process feeds only its own half of every batch through `sharding.to_global`."""
+process feeds only its own half of every batch through `sharding.to_global`. The RL stage runs
+through the real CLI on two processes, rollouts sharded across them, and matches one process."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 
 import numpy as np
 
-from conftest import HELPERS, child_env
+from conftest import HELPERS, REPO, child_env
 import tiny_training
 from gptjax import sharding as shd
 
@@ -45,3 +46,57 @@ def test_two_processes_match_one_process_with_the_whole_batch():
   single, _ = tiny_training.train(shd.make_mesh((1, 1, 1)), tiny_training.global_batches(STEPS))
   np.testing.assert_allclose(outs[0]["losses"], single, rtol=1e-5)
   assert single[-1] < single[0]
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def test_rl_stage_on_two_processes_matches_one_process(tmp_path):
+  """`gptjax train` with PPO (value head, GAE, the held-out evaluation) on two gloo processes:
+  each process generates its half of every iteration's rollouts, and the samples, losses and
+  evaluation equal a one-process run's."""
+  ppo = ["-m", "gptjax.main", "train", "--config",
+         os.path.join(REPO, "experiments", "rl.py") + ":ppo_micro", "--no_progress",
+         "--config.rl.eval_prompts=8"]
+  port = _free_port()
+  multi = str(tmp_path / "two")
+  procs = [subprocess.Popen(
+      [sys.executable, *ppo, "--workdir", multi,
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       "--config.distributed.cpu_collectives=gloo"],
+      env=child_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  single = str(tmp_path / "one")
+  one = subprocess.run([sys.executable, *ppo, "--workdir", single], env=child_env(1), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  with open(os.path.join(multi, "rl_iterations.jsonl")) as f:
+    two_its = [json.loads(line) for line in f]
+  with open(os.path.join(single, "rl_iterations.jsonl")) as f:
+    one_its = [json.loads(line) for line in f]
+  assert len(two_its) == len(one_its) == 4          # process 0 alone logs each iteration once
+  assert [r["sample"] for r in two_its] == [r["sample"] for r in one_its]
+  np.testing.assert_allclose([r["rl/score"] for r in two_its], [r["rl/score"] for r in one_its],
+                             rtol=1e-6)
+  two, one_ = _metrics(multi), _metrics(single)
+  assert [s for s, _ in two] == [s for s, _ in one_] and len(two) == 16
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in one_], rtol=1e-4, atol=1e-6)
+  with open(os.path.join(multi, "eval.json")) as f:
+    ev2 = json.load(f)
+  with open(os.path.join(single, "eval.json")) as f:
+    ev1 = json.load(f)
+  assert [s["reply"] for s in ev2["samples"]] == [s["reply"] for s in ev1["samples"]]
+  np.testing.assert_allclose(ev2["kl_to_ref"], ev1["kl_to_ref"], rtol=1e-4)

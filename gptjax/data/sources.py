@@ -86,10 +86,19 @@ def _quiet_tfds():
   return tfds
 
 
-def _prepared(builder, *, spec: str, split: str) -> Source:
+def _prepared(make_builder, *, spec: str, split: str) -> Source:
   # TFDS writes into a temporary folder and renames it at the end, so an interrupted build is
   # never mistaken for a finished one.
-  builder.download_and_prepare(file_format="array_record")
+  builder = make_builder()
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except FileExistsError:
+    # Processes that share a data_dir (several on one machine, or a shared disk) may build the
+    # same dataset at once; the one whose rename comes second finds a finished copy in place (a
+    # rename only ever installs a complete build). Read that copy with a builder made afresh,
+    # since this one's info describes the build it abandoned.
+    builder = make_builder()
+    builder.download_and_prepare(file_format="array_record")
   splits = builder.info.splits
   base = split.split("[")[0]
   if base not in splits:
@@ -117,9 +126,8 @@ def open_source(spec: str, *, split: str = "train", data_dir: str | None = None,
   if kind == "shakespeare":
     if arg not in ("text", "dialogue"):
       raise DataError(f"source spec {spec!r}: shakespeare has configs 'text' and 'dialogue'")
-    builder = builders.GptjaxShakespeare(config=arg, data_dir=data_dir,
-                                         file_format="array_record")
-    return _prepared(builder, spec=spec, split=split)
+    return _prepared(lambda: builders.GptjaxShakespeare(
+        config=arg, data_dir=data_dir, file_format="array_record"), spec=spec, split=split)
 
   if kind == "tfds":
     name, sep, feature = arg.rpartition(":")
@@ -139,9 +147,9 @@ def open_source(spec: str, *, split: str = "train", data_dir: str | None = None,
   paths = records.expand_paths(arg, source=spec)
   cls = builders.USER_BUILDERS[kind]
   fp = builders.fingerprint(kind, paths, val_fraction=val_fraction)
-  builder = cls(config=tfds.core.BuilderConfig(name=fp, description=spec), data_dir=data_dir,
-                file_format="array_record", paths=paths, val_fraction=val_fraction)
-  return _prepared(builder, spec=spec, split=split)
+  return _prepared(lambda: cls(config=tfds.core.BuilderConfig(name=fp, description=spec),
+                               data_dir=data_dir, file_format="array_record", paths=paths,
+                               val_fraction=val_fraction), spec=spec, split=split)
 
 
 def source_text_field(example: dict) -> str:

@@ -172,7 +172,9 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   res = trainer.train(cfg, workdir=workdir, model=model, loss_fn=loss_fn, source=source,
                       mesh=env.mesh, init_params=init_params, init_from=init_from,
                       evaluate=evaluate, tokens_per_step=2 * bs * seq, progress=progress)
-  if cfg.rl.eval_prompts and not res.interrupted and jax.process_index() == 0:
+  if cfg.rl.eval_prompts and not res.interrupted:
+    # Every process runs the evaluation (its jitted programs span all of them); only process 0
+    # writes the files.
     held = [r["prompt"] for r in eval_records] or rl_stage.prompt_messages(cfg, cfg.rl.eval_split)
     rl_stage.evaluate_policy((model, res.state.params, tok), prompts=held[:cfg.rl.eval_prompts],
                              reference=(model, ref_params), max_new_tokens=cfg.rl.max_new_tokens,

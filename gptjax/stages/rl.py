@@ -285,7 +285,9 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
       tokens_per_step=cfg.train.batch_size * (cfg.rl.prompt_len + cfg.rl.max_new_tokens - 1),
       steps=steps, progress=progress)
   res.timings["rollout_s"] = source.timings["rollout_s"]
-  if cfg.rl.eval_prompts and not res.interrupted and jax.process_index() == 0:
+  if cfg.rl.eval_prompts and not res.interrupted:
+    # Every process runs the evaluation (its jitted programs span all of them); only process 0
+    # writes the files.
     pol, pp = rollout_lib.policy_view(model, res.state.params)
     evaluate_policy((pol, pp, tok), prompts=prompt_messages(cfg, cfg.rl.eval_split),
                     reference=(GPT(pol.cfg), ref_params), max_new_tokens=cfg.rl.max_new_tokens,
@@ -357,7 +359,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     out = sampling.generate(model, params, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]),
                             rng=jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
                             temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
-    comp, mask = jax.device_get((out.completion, out.completion_mask))
+    comp, mask = rollout_lib.to_host(out.completion), rollout_lib.to_host(out.completion_mask)
     outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
             for r, mr in zip(comp, mask)]
     stop = np.any(np.isin(comp, eos) & (mask > 0), axis=1)
@@ -371,7 +373,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     elif ref is not None:
       lp = sampling.completion_logprobs(model, params, out, temperature=temperature)
       lr = sampling.completion_logprobs(ref[0], ref[1], out, temperature=temperature)
-      kls += list(np.asarray(jnp.sum(lp - lr, axis=1)))
+      kls += list(rollout_lib.to_host(jnp.sum(lp - lr, axis=1)))
     replies += outs
     has_eos += list(stop)
   gold = labeler.gold_score(replies)
