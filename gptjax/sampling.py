@@ -126,8 +126,9 @@ def sample_categorical(key, logits):
 
   `jax.random.categorical` (Gumbel-max) needs V random numbers per row; on 2 CPU cores,
   generating them took about 3 ms of an 11 ms batch-64 decode step at V=2048. One uniform per row
-  plus a cumulative sum gives the same distribution for about a third of that. Like Gumbel-max in float32
-  ("low" mode), tokens with probability below about 1e-7 are drawn at a slightly wrong rate.
+  plus a cumulative sum gives the same distribution for about a third of that. Like Gumbel-max
+  in float32 ("low" mode), tokens with probability below about 1e-7 are drawn at a slightly
+  wrong rate.
   """
   logits = logits.astype(jnp.float32)
   cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)                     # [...,V]
