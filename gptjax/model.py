@@ -120,6 +120,13 @@ class ModelOutput:
   cache: Any = None    # the updated KV cache, when one was passed
 
 
+def attention_mask(q_slots, q_segments, kv_segments):
+  """[B,T,S] bool: query slot t sees key slot s when s <= t and both hold the same segment id.
+  q_slots [T] (the queries' slot numbers), q_segments [B,T], kv_segments [B,S]."""
+  causal = jnp.arange(kv_segments.shape[1])[None, :] <= q_slots[:, None]          # [T,S]
+  return causal[None] & (q_segments[:, :, None] == kv_segments[:, None, :])
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
   """An empty KV cache: per-layer tuples of k [B,N,K,S] and v [B,N,S,K] (N KV heads, S slots),
   and the segment id of each slot [B,S] (0 = empty).
@@ -135,6 +142,17 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
   return {"k": tuple(jnp.zeros((batch, m, k, length), dt) for _ in layers),
           "v": tuple(jnp.zeros((batch, m, length, k), dt) for _ in layers),
           "segment_ids": jnp.zeros((batch, length), jnp.int32)}
+
+
+def grow_cache(cache, length: int):
+  """Pads a cache from `init_cache` with empty slots (segment id 0, so masked) up to `length`."""
+  extra = length - cache["segment_ids"].shape[1]
+  if extra == 0:
+    return cache
+  pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+  return {"k": tuple(pad(k, 3) for k in cache["k"]),            # [B,N,K,S]
+          "v": tuple(pad(v, 2) for v in cache["v"]),            # [B,N,S,K]
+          "segment_ids": pad(cache["segment_ids"], 1)}          # [B,S]
 
 
 def _init(names, fn):
@@ -297,11 +315,7 @@ class Attention(nn.Module):
           layer_cache["v"], v.transpose(0, 2, 1, 3).astype(layer_cache["v"].dtype),
           (0, 0, cache_index, 0))
       layer_cache = {"k": ck, "v": cv}
-      q_slots = q_slots + cache_index
-      kv_slots = jnp.arange(ck.shape[-1])
-      causal = kv_slots[None, :] <= q_slots[:, None]                              # [T,S]
-      same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]             # [B,T,S]
-      mask = causal[None] & same
+      mask = attention_mask(q_slots + cache_index, segment_ids, cache_segment_ids)  # [B,T,S]
       if t == 1 or impl == "einsum":
         out = cached_attention(q, ck.astype(dt), cv.astype(dt), mask)
       else:
@@ -311,10 +325,7 @@ class Attention(nn.Module):
             q, ck.transpose(0, 3, 1, 2).astype(dt), cv.transpose(0, 2, 1, 3).astype(dt),
             mask=mask[:, None], implementation=impl)
     else:
-      kv_slots = jnp.arange(k.shape[1])
-      causal = kv_slots[None, :] <= q_slots[:, None]                              # [T,S]
-      same = segment_ids[:, :, None] == segment_ids[:, None, :]                   # [B,T,S]
-      mask = (causal[None] & same)[:, None]                                       # [B,1,T,S]
+      mask = attention_mask(q_slots, segment_ids, segment_ids)[:, None]           # [B,1,T,S]
       if impl == "einsum":
         out = einsum_attention(q, k, v, mask)
       else:

@@ -45,7 +45,7 @@ import numpy as np
 from flax import struct
 
 from gptjax.losses.common import token_logprobs
-from gptjax.model import _DTYPES, init_cache
+from gptjax.model import _DTYPES, grow_cache, init_cache
 
 NEG_INF = -jnp.inf
 
@@ -372,17 +372,6 @@ def decode_phases(max_new_tokens: int) -> tuple[int, ...]:
   return tuple(-(-max_new_tokens * (j + 1) // n) for j in range(n))
 
 
-def _grow_cache(cache, length: int):
-  """Pads a cache (see `init_cache`) with empty slots up to `length`."""
-  extra = length - cache["segment_ids"].shape[1]
-  if extra == 0:
-    return cache
-  pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-  return {"k": tuple(pad(k, 3) for k in cache["k"]),            # [B,N,K,S]
-          "v": tuple(pad(v, 2) for v in cache["v"]),            # [B,N,S,K]
-          "segment_ids": pad(cache["segment_ids"], 1)}          # [B,S]; 0 = empty
-
-
 @functools.partial(jax.jit, static_argnames=("model", "c"))
 def _generate(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng,
               c: SamplingControls):
@@ -392,7 +381,7 @@ def _generate(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, r
                    cache_len=p + bounds[0])
   for end in bounds:
     # Step s writes slot P + s - 1, so steps below `end` fit in P + end slots.
-    state = state.replace(cache=_grow_cache(state.cache, p + end))
+    state = state.replace(cache=grow_cache(state.cache, p + end))
     state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done),
                                lambda s: _advance(model, params, s, rng, c, p), state)
   return _finish(prompts, state, c)

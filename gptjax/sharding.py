@@ -18,6 +18,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -121,6 +122,15 @@ def to_global(local_batch, mesh: Mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of a (possibly multi-process) global array on this host: the inverse of
+  `to_global`. An array spanning several processes is gathered from all of them (every process
+  must call this together); any other array is simply copied to the host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def init_distributed(cfg) -> None:

@@ -33,7 +33,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from gptjax import batches as batches_lib
 from gptjax import sampling
@@ -121,18 +120,6 @@ def make_reward_fn(spec: str) -> Callable:
                    "'char_fraction:C' or 'python:MODULE:FN'")
 
 
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-process) global array's whole value on this host.
-
-  Rollouts are generated sharded over the data axes, so on several processes each holds only its
-  own rows. Scoring text and logging need every row, and a rollout batch is small (ids and
-  per-token floats), so every process gathers all of it and computes the same host-side values.
-  """
-  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 class TokenScorer:
   """Adapts an object with `score_tokens(tokens [B,T], mask [B,T]) -> [B]` (the reward stage's
   `RewardScorer`, normalisation included) to the scorer interface."""
@@ -142,7 +129,7 @@ class TokenScorer:
 
   def __call__(self, *, tokens, total_lengths, prompt_texts=None, completion_texts=None):
     mask = (jnp.arange(tokens.shape[1])[None, :] < total_lengths[:, None]).astype(jnp.int32)
-    return to_host(self.rm.score_tokens(tokens, mask)).astype(np.float32)
+    return shd.to_host(self.rm.score_tokens(tokens, mask)).astype(np.float32)
 
 
 class TextScorer:
@@ -388,7 +375,7 @@ class RolloutSource:
     return idx, out
 
   def completion_texts(self, out) -> list[str]:
-    comp, mask = to_host(out.completion), to_host(out.completion_mask)
+    comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
     stops = set(self.eos_ids)
     return [self.tok.decode([t for t, m in zip(row, mrow) if m > 0 and t not in stops])
             for row, mrow in zip(comp, mask)]
@@ -403,8 +390,11 @@ class RolloutSource:
     prompt_texts = [self.prompt_texts[i] for i in idx]
     raw = self.scorer(tokens=out.tokens, total_lengths=out.total_lengths,
                       prompt_texts=prompt_texts, completion_texts=texts)
-    comp = to_host(out.completion)
-    cmask = to_host(out.completion_mask)
+    # Rollouts are generated sharded over the data axes, so on several processes each holds only
+    # its own rows. Scoring and logging need every row, and a rollout batch is small (ids and
+    # per-token floats), so every process gathers all of it and computes the same host values.
+    comp = shd.to_host(out.completion)
+    cmask = shd.to_host(out.completion_mask)
     has_eos = np.any(np.isin(comp, self.eos_ids) & (cmask > 0), axis=1)
     scores = raw - c.missing_eos_penalty * (~has_eos)
     if c.normalize_scores:
@@ -447,9 +437,9 @@ class RolloutSource:
         segment_ids=layout["segment_ids"], completion_mask=mask, old_logp=old_logp,
         ref_logp=ref_logp, advantages=adv, returns=returns, values=values)
 
-    kl_seq = to_host(jnp.sum(kl, axis=1))
+    kl_seq = shd.to_host(jnp.sum(kl, axis=1))
     mean_kl = float(kl_seq.mean())
-    lengths = to_host(out.lengths)
+    lengths = shd.to_host(out.lengths)
     metrics.update({
         "rl/score": float(raw.mean()),
         "rl/score_std": float(raw.std()),

@@ -27,6 +27,7 @@ from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import losses
 from gptjax import sampling
+from gptjax import sharding as shd
 from gptjax import trainer
 from gptjax.data import chat, tokenizers
 from gptjax.model import GPT
@@ -133,7 +134,6 @@ def make_init_from(cfg, model):
 def initial_params(cfg, model, mesh, init_params, init_from):
   """Recomputes the run's initial parameters exactly as the trainer builds them (same key, same
   init_from), so the reference is the starting policy whether or not the run is resuming."""
-  from gptjax import sharding as shd
   rng = jax.random.fold_in(jax.random.key(cfg.seed), 0)
   boxed = jax.eval_shape(init_params, rng)
   sh = shd.logical_to_sharding(boxed, mesh, shd.rules_from_config(cfg.mesh.rules))
@@ -359,7 +359,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     out = sampling.generate(model, params, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]),
                             rng=jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
                             temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
-    comp, mask = rollout_lib.to_host(out.completion), rollout_lib.to_host(out.completion_mask)
+    comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
     outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
             for r, mr in zip(comp, mask)]
     stop = np.any(np.isin(comp, eos) & (mask > 0), axis=1)
@@ -373,7 +373,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     elif ref is not None:
       lp = sampling.completion_logprobs(model, params, out, temperature=temperature)
       lr = sampling.completion_logprobs(ref[0], ref[1], out, temperature=temperature)
-      kls += list(rollout_lib.to_host(jnp.sum(lp - lr, axis=1)))
+      kls += list(shd.to_host(jnp.sum(lp - lr, axis=1)))
     replies += outs
     has_eos += list(stop)
   gold = labeler.gold_score(replies)
