@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import sampling
+from gptjax import perf, sampling
 from gptjax.model import GPT, ModelConfig, count_params
 
 MODELS = {
@@ -72,6 +72,8 @@ def main(argv=None):
   ap.add_argument("--chip", default="H100", choices=sorted(HBM_BYTES_PER_S),
                   help="HBM bandwidth used for the bandwidth-bound fraction on GPU")
   args = ap.parse_args(argv)
+  retained = perf.retain_host_memory()     # before the first computation starts the backend
+  print(f"host memory retained: {retained} ({perf.RETAIN_ENV}=0 turns it off)")
 
   kw = dict(MODELS[args.model])
   kw.setdefault("max_len", args.prompt_len + args.new_tokens)

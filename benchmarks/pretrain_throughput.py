@@ -14,7 +14,9 @@ optimizer figure is the full step minus value_and_grad. `--variants` builds one 
 every variant sees the same machine state. MFU = flops_per_token · tokens/s / peak, as in
 `gptjax.metrics`; on CPU the peak is a measured float32 matmul (cached in ~/.cache/gptjax).
 
-XLA:CPU flags from `gptjax.perf.cpu_flags()` are set before JAX starts unless `--no_cpu_flags`;
+XLA:CPU flags from `gptjax.perf.cpu_flags()` are set before JAX starts unless `--no_cpu_flags`,
+and so are the malloc settings of `gptjax.perf.retain_host_memory()` unless
+GPTJAX_RETAIN_HOST_MEMORY=0 (compare the two across runs);
 `--xla_flags` adds more (they only take effect at process start, so compare flags across runs).
 """
 
@@ -79,7 +81,9 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(argv)
-  # Flags must be in the environment before the first JAX import initialises a backend.
+  # Both must happen before the first JAX import initialises a backend.
+  from gptjax import perf
+  retained = perf.retain_host_memory()
   if not args.no_cpu_flags:
     from gptjax import perf
     perf.apply_cpu_flags()
@@ -112,7 +116,8 @@ def main(argv=None):
   peak = metrics_lib.peak_flops(device, dtype)
   print(f"device: {device.device_kind} ({device.platform}) x{jax.device_count()}, "
         f"peak {peak / 1e9:.1f} GFLOP/s ({dtype})")
-  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}; host memory retained: {retained} "
+        f"({perf.RETAIN_ENV}=0 turns it off)")
   print(f"preset {args.preset}: batch {b}, seq {t}, {dtype}, grad_accum {args.grad_accum}")
 
   rng = np.random.default_rng(0)

@@ -10,6 +10,8 @@ frozen reference. GRPO: one update on the 64 completions. PPO: a value head on t
 are the framework's). Both go through the library's real path: `RolloutSource.make_rollouts`
 (sampler with KV cache, policy / reference / value forwards, advantages) and the shared
 `make_train_step`. Medians over repeats after warm-up iterations (which include compilation).
+The minor page faults per iteration show how much memory the step touches for the first time;
+`gptjax.perf.retain_host_memory()` is on unless GPTJAX_RETAIN_HOST_MEMORY=0.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import perf
 from gptjax import step as step_lib
 from gptjax.losses import policy
 from gptjax.model import GPT, ModelConfig
@@ -82,8 +86,13 @@ def build(algorithm: str):
   return source, train_step, state
 
 
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def iteration(source, train_step, state):
-  """One iteration: (state, rollout seconds, update seconds)."""
+  """One iteration: (state, rollout seconds, update seconds, minor page faults)."""
+  f0 = _minor_faults()
   t0 = time.perf_counter()
   batch = source.next(state)               # generates the rollouts (blocks until ready)
   t1 = time.perf_counter()
@@ -93,25 +102,26 @@ def iteration(source, train_step, state):
   jax.block_until_ready(state.params)
   t2 = time.perf_counter()
   source.pop_metrics()
-  return state, t1 - t0, t2 - t1
+  return state, t1 - t0, t2 - t1, _minor_faults() - f0
 
 
 def measure(algorithm: str, *, warmup: int, repeats: int) -> dict:
   source, train_step, state = build(algorithm)
   t_start = time.perf_counter()
   for _ in range(warmup):
-    state, _, _ = iteration(source, train_step, state)
+    state, *_ = iteration(source, train_step, state)
   warm_s = time.perf_counter() - t_start
-  roll, upd = [], []
+  roll, upd, faults = [], [], []
   for _ in range(repeats):
-    state, r, u = iteration(source, train_step, state)
+    state, r, u, f = iteration(source, train_step, state)
     roll.append(r)
     upd.append(u)
+    faults.append(f)
   total = [r + u for r, u in zip(roll, upd)]
   return {"algorithm": algorithm, "total_s": float(np.median(total)),
           "rollout_s": float(np.median(roll)), "update_s": float(np.median(upd)),
           "updates_per_iteration": source.cfg.steps_per_iteration, "warmup_s": warm_s,
-          "completions": PROMPTS * GROUP, "new_tokens": NEW_TOKENS, "repeats": repeats}
+          "minor_faults": int(np.median(faults)), "completions": PROMPTS * GROUP, "new_tokens": NEW_TOKENS, "repeats": repeats}
 
 
 def main():
@@ -120,6 +130,8 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--json", default="")
   args = p.parse_args()
+  retained = perf.retain_host_memory()     # before the first computation starts the backend
+  print(f"host memory retained: {retained} ({perf.RETAIN_ENV}=0 turns it off)")
   print(f"devices: {jax.devices()}  model: 4x128, vocab 2048; {PROMPTS}x{GROUP} completions of "
         f"{NEW_TOKENS} tokens from {PROMPT_LEN}-token prompts; beta=0.04")
   results = []
@@ -130,7 +142,8 @@ def main():
     name = "GRPO step" if algo == "grpo" else "PPO iteration (4 epochs)"
     print(f"{name:26s} {r['total_s']:.3f} s  (rollout {r['rollout_s']:.3f} s, update "
           f"{r['update_s']:.3f} s for {r['updates_per_iteration']} step(s); target "
-          f"≤ {target} s; warm-up {r['warmup_s']:.1f} s)", flush=True)
+          f"≤ {target} s; warm-up {r['warmup_s']:.1f} s; {r['minor_faults']} minor page faults)",
+          flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)

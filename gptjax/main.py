@@ -63,6 +63,9 @@ def _distributed(cfg):
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # Before anything starts a JAX backend: it only reaches threads that have not allocated yet.
+  from gptjax import perf
+  perf.retain_host_memory()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   commands = {"train": _train}
   try:

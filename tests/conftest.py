@@ -20,6 +20,11 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# The same malloc settings as the `gptjax` command (gptjax/perf.py), before any test starts JAX.
+from gptjax import perf  # noqa: E402
+
+perf.retain_host_memory()
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
