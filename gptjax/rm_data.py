@@ -34,6 +34,7 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import labeler
+from gptjax import sharding
 from gptjax.data import chat
 from gptjax.stages import sft as sft_stage
 
@@ -117,12 +118,14 @@ def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
   request = _request(cfg, sft_workdir)
   digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
   manifest_path = os.path.join(out_dir, MANIFEST)
+  complete = False
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
       manifest = json.load(f)
-    if manifest.get("digest") == digest and all(os.path.exists(p) for p in paths.values()):
-      print(f"[{out_dir}] preference data already generated; reusing it", flush=True)
-      return paths
+    complete = manifest.get("digest") == digest and all(os.path.exists(p) for p in paths.values())
+  if sharding.process_zero_decides(complete):
+    print(f"[{out_dir}] preference data already generated; reusing it", flush=True)
+    return paths
   os.makedirs(out_dir, exist_ok=True)
   r = cfg.rm_data
   model, params, tok, sft_cfg = ckpt_lib.load_for_inference(sft_workdir)
@@ -147,6 +150,9 @@ def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
       json.dump({"digest": digest, "request": request, "counts": counts, "files": paths}, f,
                 indent=2)
     os.replace(manifest_path + ".tmp", manifest_path)
+  # Every process sampled the same records (same seeds, same order); process 0 alone wrote them,
+  # and the others read those files next, so none may go on before they exist.
+  sharding.barrier("rm_data:" + digest)
   print(f"[{out_dir}] preference data: " + "; ".join(
       f"{s} {c['prompts']} prompts x {r.replies_per_prompt} replies" for s, c in counts.items()),
       flush=True)

@@ -133,6 +133,21 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name (nothing on one process). Used
+  where process 0 writes a file that the other processes read next."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def process_zero_decides(flag: bool) -> bool:
+  """Process 0's `flag`, on every process: for a decision read from the file system, which a
+  process that looks later could see differently (e.g. after process 0 wrote the file)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
 def init_distributed(cfg) -> None:
   """Initialises jax.distributed from the config, or from the environment on a TPU pod / SLURM.
 

@@ -100,3 +100,54 @@ def test_rl_stage_on_two_processes_matches_one_process(tmp_path):
     ev1 = json.load(f)
   assert [s["reply"] for s in ev2["samples"]] == [s["reply"] for s in ev1["samples"]]
   np.testing.assert_allclose(ev2["kl_to_ref"], ev1["kl_to_ref"], rtol=1e-4)
+
+
+def test_reward_stage_on_two_processes_matches_one_process(micro_pipeline, tmp_path):
+  """The reward stage through the CLI on two gloo processes, from the micro pipeline's SFT run:
+  the preference data (sampled on every process, written by process 0 behind a barrier), the
+  training losses and the held-out report (accuracy, Spearman, normalisation, best-of-N) equal a
+  one-process run's."""
+  rm = ["-m", "gptjax.main", "train", "--config",
+        os.path.join(REPO, "experiments", "reward.py") + ":micro", "--no_progress",
+        f"--config.train.init_from={os.path.join(micro_pipeline, 'sft')}",
+        "--config.train.steps=6", "--config.train.log_every=1", "--config.train.eval_every=0",
+        "--config.optim.decay_steps=6"]
+  port = _free_port()
+  multi = str(tmp_path / "two")
+  procs = [subprocess.Popen(
+      [sys.executable, *rm, "--workdir", multi,
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       "--config.distributed.cpu_collectives=gloo"],
+      env=child_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  single = str(tmp_path / "one")
+  one = subprocess.run([sys.executable, *rm, "--workdir", single], env=child_env(1), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  for split in ("train", "validation"):
+    with open(os.path.join(multi, "preferences", f"{split}.jsonl")) as f:
+      two_prefs = f.read()
+    with open(os.path.join(single, "preferences", f"{split}.jsonl")) as f:
+      assert two_prefs == f.read() and two_prefs
+  two, one_ = _metrics(multi), _metrics(single)
+  assert [s for s, _ in two] == [s for s, _ in one_] == list(range(1, 7))
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in one_], rtol=1e-4, atol=1e-6)
+  with open(os.path.join(multi, "eval.json")) as f:
+    ev2 = json.load(f)
+  with open(os.path.join(single, "eval.json")) as f:
+    ev1 = json.load(f)
+  for key in ("accuracy_noisy", "accuracy_noiseless", "spearman_gold", "eval/rm_loss"):
+    np.testing.assert_allclose(ev2[key], ev1[key], rtol=1e-4, err_msg=key)
+  np.testing.assert_allclose(ev2["normalization"]["bias"], ev1["normalization"]["bias"],
+                             rtol=1e-4, atol=1e-6)
+  assert ev2["best_of_n"]["mean_gold"] == ev1["best_of_n"]["mean_gold"]

@@ -325,13 +325,18 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   loss_fn = common.bind_loss(cfg)
   eval_step = trainer.make_eval_step(loss_fn, env.model)
 
+  # Each process feeds its own rows of every (identical) held-out batch, as training does.
+  mine = slice(jax.process_index() * gb // jax.process_count(),
+               (jax.process_index() + 1) * gb // jax.process_count())
+
   def evaluate(state):
     acc = margin = pairs = loss = rows = 0.0
     for part, real in fixed_batches(val_arrays, gb):
       if cfg.train.eval_batches and rows >= cfg.train.eval_batches * gb:
         break
+      local = {k: v[mine] for k, v in part.items()}
       m = jax.device_get(eval_step(state.params, batches_lib.RewardBatch(
-          **shd.to_global(part, env.mesh)), None))
+          **shd.to_global(local, env.mesh)), None))
       n = float(m["rm/pairs"])
       acc, margin, pairs = acc + m["rm/accuracy"] * n, margin + m["rm/margin"] * n, pairs + n
       loss, rows = loss + float(m["rm/bt_loss"]) * real, rows + real
