@@ -27,7 +27,8 @@ def get_config(arg=None):
   preset = arg or "tiny"
   c = base_config()
   c.stage = "reward"
-  c.loss = ml_collections.ConfigDict(dict(name="reward", margin=0.0, center_coef=0.0))
+  c.loss = ml_collections.ConfigDict(dict(name="reward", margin=0.0, center_coef=0.0,
+                                          tie_nu=0.0))   # > 0: train ties too (Davidson)
   c.data.source = "generated"        # or preference_jsonl:PATH
   c.data.eval_source = ""            # preference_jsonl:PATH of held-out pairs (user data)
   c.sft = sft_fields()

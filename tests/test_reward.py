@@ -120,6 +120,34 @@ def test_pairwise_loss_k3_by_hand_with_tie_and_missing_reply():
   assert float(m["rm/pairs"]) == 6
 
 
+def test_davidson_ties_by_hand():
+  """tie_nu > 0: the same batch as above, now with the tie (row 1, replies 0 and 1) trained under
+  Davidson's model, and a margin on the strict pairs."""
+  batch = reward_batch([[4, 2, 6], [2, 4, 6], [8, 2, 0]], [[2, 0, 1], [1, 1, 0], [0, 1, 5]])
+  mask = np.asarray(batch.mask).copy()
+  mask[2, 2] = 0
+  batch = batch.replace(mask=jnp.asarray(mask))
+  nu, margin = 0.7, 0.25
+  loss, m = reward_loss.reward_loss(None, batch, model=LastTokenValue(), tie_nu=nu, margin=margin)
+  r = np.array([[2, 1, 3], [1, 2, 3], [4, 1, 0]], float)
+  z = lambda d: math.exp(d / 2) + math.exp(-d / 2) + nu
+  win = lambda d: -math.log(math.exp((d - margin) / 2) / z(d - margin))
+  tie = lambda d: -math.log(nu / z(d))
+  rows = [win(r[0, 0] - r[0, 1]) + win(r[0, 0] - r[0, 2]) + win(r[0, 2] - r[0, 1]),
+          win(r[1, 0] - r[1, 2]) + win(r[1, 1] - r[1, 2]) + tie(r[1, 0] - r[1, 1]),
+          win(r[2, 1] - r[2, 0])]
+  np.testing.assert_allclose(loss, np.mean([x / 3 for x in rows]), rtol=1e-5)
+  np.testing.assert_allclose(m["rm/tie_loss"], tie(r[1, 0] - r[1, 1]) / 3 / 3, rtol=1e-5)
+  assert float(m["rm/tie_pairs"]) == 1 and float(m["rm/pairs"]) == 6
+  # As ν → 0 the strict pairs' terms become plain Bradley–Terry's (which ignores the tie).
+  bt, _ = reward_loss.reward_loss(None, batch, model=LastTokenValue(), margin=margin)
+  small, ms = reward_loss.reward_loss(None, batch, model=LastTokenValue(), margin=margin,
+                                      tie_nu=1e-6)
+  np.testing.assert_allclose(float(small) - float(ms["rm/tie_loss"]), bt, rtol=1e-5)
+  with pytest.raises(ValueError, match="tie_nu"):
+    reward_loss.reward_loss(None, batch, model=LastTokenValue(), tie_nu=-1.0)
+
+
 def test_empty_rows_do_not_count():
   batch = reward_batch([[6, 2], [1, 5]], [[1, 0], [1, 0]])
   mask = np.asarray(batch.mask).copy()
