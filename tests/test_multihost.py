@@ -54,24 +54,19 @@ def _metrics(workdir):
   return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
-def test_rl_stage_on_two_processes_matches_one_process(tmp_path):
-  """`gptjax train` with PPO (value head, GAE, the held-out evaluation) on two gloo processes:
-  each process generates its half of every iteration's rollouts, and the samples, losses and
-  evaluation equal a one-process run's."""
-  ppo = ["-m", "gptjax.main", "train", "--config",
-         os.path.join(REPO, "experiments", "rl.py") + ":ppo_micro", "--no_progress",
-         "--config.rl.eval_prompts=8"]
+def _cli_on_two_processes_and_one(args, tmp_path):
+  """Runs `python <args> --workdir DIR` on two gloo processes and on one; returns both workdirs."""
   port = _free_port()
   multi = str(tmp_path / "two")
   procs = [subprocess.Popen(
-      [sys.executable, *ppo, "--workdir", multi,
+      [sys.executable, *args, "--workdir", multi,
        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
        "--config.distributed.cpu_collectives=gloo"],
       env=child_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   single = str(tmp_path / "one")
-  one = subprocess.run([sys.executable, *ppo, "--workdir", single], env=child_env(1), cwd=REPO,
+  one = subprocess.run([sys.executable, *args, "--workdir", single], env=child_env(1), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   try:
     for p in procs:
@@ -82,6 +77,17 @@ def test_rl_stage_on_two_processes_matches_one_process(tmp_path):
       if p.poll() is None:
         p.kill()
   assert one.returncode == 0, one.stderr[-3000:]
+  return multi, single
+
+
+def test_rl_stage_on_two_processes_matches_one_process(tmp_path):
+  """`gptjax train` with PPO (value head, GAE, the held-out evaluation) on two gloo processes:
+  each process generates its half of every iteration's rollouts, and the samples, losses and
+  evaluation equal a one-process run's."""
+  ppo = ["-m", "gptjax.main", "train", "--config",
+         os.path.join(REPO, "experiments", "rl.py") + ":ppo_micro", "--no_progress",
+         "--config.rl.eval_prompts=8"]
+  multi, single = _cli_on_two_processes_and_one(ppo, tmp_path)
 
   with open(os.path.join(multi, "rl_iterations.jsonl")) as f:
     two_its = [json.loads(line) for line in f]
@@ -112,27 +118,7 @@ def test_reward_stage_on_two_processes_matches_one_process(micro_pipeline, tmp_p
         f"--config.train.init_from={os.path.join(micro_pipeline, 'sft')}",
         "--config.train.steps=6", "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.optim.decay_steps=6"]
-  port = _free_port()
-  multi = str(tmp_path / "two")
-  procs = [subprocess.Popen(
-      [sys.executable, *rm, "--workdir", multi,
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       "--config.distributed.cpu_collectives=gloo"],
-      env=child_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  single = str(tmp_path / "one")
-  one = subprocess.run([sys.executable, *rm, "--workdir", single], env=child_env(1), cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=300)
-      assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert one.returncode == 0, one.stderr[-3000:]
+  multi, single = _cli_on_two_processes_and_one(rm, tmp_path)
 
   for split in ("train", "validation"):
     with open(os.path.join(multi, "preferences", f"{split}.jsonl")) as f:
