@@ -326,8 +326,8 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   eval_step = trainer.make_eval_step(loss_fn, env.model)
 
   # Each process feeds its own rows of every (identical) held-out batch, as training does.
-  mine = slice(jax.process_index() * gb // jax.process_count(),
-               (jax.process_index() + 1) * gb // jax.process_count())
+  local_rows = common.local_batch_size(gb)
+  mine = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
 
   def evaluate(state):
     acc = margin = pairs = loss = rows = 0.0
