@@ -85,7 +85,6 @@ def main(argv=None):
   from gptjax import perf
   retained = perf.retain_host_memory()
   if not args.no_cpu_flags:
-    from gptjax import perf
     perf.apply_cpu_flags()
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
