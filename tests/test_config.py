@@ -1,5 +1,6 @@
 """Config errors fail fast and name their field, on the command line too (exit 2, no traceback)."""
 
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from conftest import MICRO, REPO, child_env
 from gptjax import config as config_lib
 from gptjax import main as main_lib
+from gptjax.stages import common
 
 
 def _validate(*overrides, num_devices=8):
@@ -81,3 +83,15 @@ def test_cli_validation_error_exits_2(tmp_path, capsys, cached_corpus):
   assert code == 2
   err = capsys.readouterr().err
   assert "config error: model.activation" in err
+
+
+@pytest.mark.parametrize("spec, override, message", [
+    ("reward.py:micro", "loss.tie_nu=-1.0", r"loss\.tie_nu must be >= 0"),
+    ("rl.py:grpo_micro", "loss.aggregation=bogus", r"loss\.aggregation: expected one of"),
+])
+def test_a_bad_loss_hyperparameter_is_a_config_error_when_the_loss_is_bound(spec, override,
+                                                                           message):
+  """The loss's registered check runs in `bind_loss`, before anything is traced."""
+  cfg = config_lib.load(os.path.join(REPO, "experiments", spec), [override])
+  with pytest.raises(config_lib.ConfigError, match=message):
+    common.bind_loss(cfg)

@@ -14,15 +14,28 @@ from __future__ import annotations
 from typing import Callable
 
 _REGISTRY: dict[str, Callable] = {}
+_CHECKS: dict[str, Callable] = {}
 
 
-def register(name: str):
+def register(name: str, *, check: Callable | None = None):
+  """`check(**hyperparameters)`, if given, raises ValueError naming a bad field. It runs when the
+  config is bound (`stages.common.bind_loss`), so a bad value is a config error before training,
+  not an exception from inside the traced step."""
   def deco(fn):
     if name in _REGISTRY and _REGISTRY[name] is not fn:
       raise ValueError(f"loss {name!r} is already registered")
     _REGISTRY[name] = fn
+    if check is not None:
+      _CHECKS[name] = check
     return fn
   return deco
+
+
+def check(name: str, hyperparameters: dict) -> None:
+  """Runs the check `name` registered with (if any) on the config's hyperparameters."""
+  _import_builtin()
+  if name in _CHECKS:
+    _CHECKS[name](**hyperparameters)
 
 
 def get(name: str) -> Callable:

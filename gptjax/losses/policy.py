@@ -45,6 +45,11 @@ def _ratio_stats(logp, old_logp, mask, *, low: float, high: float):
   }
 
 
+def check_grpo(*, aggregation: str = "seq_mean", **_):
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"loss.aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
+
+
 def aggregate(per_token, mask, *, mode: str, max_len: int | None = None):
   """Reduces a per-token loss [B,T] over `mask`:
     seq_mean   mean over sequences of each sequence's token mean (GRPO as published); rows with
@@ -53,6 +58,7 @@ def aggregate(per_token, mask, *, mode: str, max_len: int | None = None):
     dr_grpo    sum over all tokens / (B · max_len) (Dr. GRPO): a constant normaliser, so neither
                length nor batch composition rescales a token's gradient
   """
+  check_grpo(aggregation=mode)
   mask = mask.astype(jnp.float32)
   if mode == "seq_mean":
     n_tok = mask.sum(axis=1)
@@ -61,10 +67,8 @@ def aggregate(per_token, mask, *, mode: str, max_len: int | None = None):
     return jnp.sum(per_seq) / jnp.maximum(n_seq, 1.0)
   if mode == "token_mean":
     return jnp.sum(per_token * mask) / jnp.maximum(mask.sum(), 1.0)
-  if mode == "dr_grpo":
-    length = per_token.shape[1] if max_len is None else max_len
-    return jnp.sum(per_token * mask) / (per_token.shape[0] * length)
-  raise ValueError(f"loss.aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
+  length = per_token.shape[1] if max_len is None else max_len          # dr_grpo
+  return jnp.sum(per_token * mask) / (per_token.shape[0] * length)
 
 
 @register("ppo")
@@ -100,7 +104,7 @@ def ppo(params, batch, *, frozen=None, rng=None, model, temperature: float = 1.0
   return loss, metrics
 
 
-@register("grpo")
+@register("grpo", check=check_grpo)
 def grpo(params, batch, *, frozen=None, rng=None, model, temperature: float = 1.0,
          clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, kl_coef: float = 0.04,
          aggregation: str = "seq_mean", max_len: int | None = None):

@@ -69,12 +69,16 @@ def pairwise_terms(rewards, rank, present):
   return sign * (ri - rj), ri + rj, valid.astype(jnp.float32)
 
 
-@register("reward")
+def check_hyperparameters(*, tie_nu: float = 0.0, **_):
+  if tie_nu < 0:
+    raise ValueError(f"loss.tie_nu must be >= 0 (0 = plain Bradley-Terry), got {tie_nu}")
+
+
+@register("reward", check=check_hyperparameters)
 def reward_loss(params, batch, *, frozen=None, rng=None, model, margin: float = 0.0,
                 center_coef: float = 0.0, tie_nu: float = 0.0):
   del frozen
-  if tie_nu < 0:
-    raise ValueError(f"loss.tie_nu must be >= 0 (0 = plain Bradley-Terry), got {tie_nu}")
+  check_hyperparameters(tie_nu=tie_nu)       # a direct call gets the same error as a config
   rewards = sequence_rewards(params, batch, model=model, rng=rng)           # [B,K]
   present = jnp.sum(batch.mask, axis=-1) > 0                                # [B,K]
   diff, total, valid = pairwise_terms(rewards, batch.rank, present)          # [B,P]

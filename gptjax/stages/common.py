@@ -54,6 +54,10 @@ def bind_loss(cfg):
         raise config_lib.ConfigError(
             f"loss.{k}: loss {cfg.loss.name!r} takes no hyperparameter {k!r}; it takes "
             f"{', '.join(takes) or 'none'}")
+  try:
+    losses.check(cfg.loss.name, kw)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   return functools.partial(fn, **kw)
 
 

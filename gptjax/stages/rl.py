@@ -25,7 +25,6 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
-from gptjax import losses
 from gptjax import sampling
 from gptjax import sharding as shd
 from gptjax import trainer
@@ -173,10 +172,11 @@ def bind_policy_loss(cfg):
     if shared in kw:
       raise config_lib.ConfigError(f"loss.{shared}: set it under rl (rl.temperature, "
                                    "rl.kl_coef, rl.max_new_tokens); the loss reads it from there")
-  kw["temperature"] = cfg.rl.temperature
+  shared = {"temperature": cfg.rl.temperature}
   if cfg.loss.name == "grpo":
-    kw.update(kl_coef=cfg.rl.kl_coef, max_len=cfg.rl.max_new_tokens)
-  return functools.partial(losses.get(cfg.loss.name), **kw)
+    shared.update(kl_coef=cfg.rl.kl_coef, max_len=cfg.rl.max_new_tokens)
+  # common.bind_loss checks the loss.* fields by name and runs the loss's registered check.
+  return functools.partial(common.bind_loss(cfg), **shared)
 
 
 def validate(cfg) -> None:
