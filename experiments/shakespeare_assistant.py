@@ -69,11 +69,17 @@ def get_config(arg=None):
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind="bpe", vocab_size={"micro": 320, "tiny": 1024, "gpu": 4096, "tpu": 4096}[preset]))
   c.pretrain = pretrain_config(preset)
-  c.sft = sft_exp.get_config(preset)
-  c.reward = reward_exp.get_config(preset)
-  c.ppo = rl_exp.get_config(f"ppo_{preset}")
-  c.grpo = rl_exp.get_config(f"grpo_{preset}")
-  c.dpo = rl_exp.get_config(f"dpo_{preset}")
+  # The later stages have no TPU presets of their own: on a TPU slice they run the gpu ones
+  # (sizes and steps), with the same FSDP mesh as pretraining.
+  stage = "gpu" if preset == "tpu" else preset
+  c.sft = sft_exp.get_config(stage)
+  c.reward = reward_exp.get_config(stage)
+  c.ppo = rl_exp.get_config(f"ppo_{stage}")
+  c.grpo = rl_exp.get_config(f"grpo_{stage}")
+  c.dpo = rl_exp.get_config(f"dpo_{stage}")
+  if preset == "tpu":
+    for sub in (c.sft, c.reward, c.ppo, c.grpo, c.dpo):
+      sub.mesh.shape = c.pretrain.mesh.shape
   if preset == "micro":
     # rl.py's micro presets train a random model on a toy reward; in the pipeline the policy is
     # the SFT model and the reward is the RM, on the plays' held-out prompts.
