@@ -157,7 +157,8 @@ def get_config(arg=None):
     c.train.batch_size = 16
     c.optim.lr = 1e-4
   elif size == "gpu":
-    # With train.init_from the model fields come from the SFT run; these are for standalone use.
+    # With train.init_from the architecture comes from the SFT run (these sizes are for standalone
+    # use); dtype, remat and dropout stay these.
     c.model.update(num_layers=6, num_heads=6, d_model=384, max_len=256, dtype="bfloat16")
     c.rl.update(prompt_len=128, max_new_tokens=128, eval_prompts=512, reward="rm",
                 normalize_scores=True, missing_eos_penalty=1.0, log_gold=True)

@@ -121,3 +121,29 @@ def test_every_documented_preset_loads_and_validates(spec):
     with sub.unlocked():
       sub.model.vocab_size = sub.model.vocab_size or 1024
     config_lib.validate(sub, num_devices=1 if cpu else 8)
+
+
+def test_a_later_stage_takes_the_architecture_but_keeps_its_own_run_fields(tmp_path, capsys):
+  """init_from a workdir: the network's shape is that run's (a preset sized otherwise is named in
+  a message), while dropout, remat and the compute dtype are this run's: a
+  `--config.model.dropout_rate` given to the reward stage used to be silently replaced."""
+  prev = config_lib.load(os.path.join(REPO, "experiments", "sft.py:tiny"),
+                         ["model.vocab_size=1024", "model.num_layers=3", "model.remat=full"])
+  (tmp_path / "config.json").write_text(config_lib.to_json(prev))
+  cfg = config_lib.load(os.path.join(REPO, "experiments", "reward.py:tiny"),
+                        ["model.dropout_rate=0.1", "model.dtype=bfloat16"])
+  common.adopt_architecture(cfg, str(tmp_path))
+  m = cfg.model
+  assert (m.num_layers, m.vocab_size, m.d_model) == (3, 1024, 128)
+  assert (m.dropout_rate, m.dtype, m.remat) == (0.1, "bfloat16", "none")
+  assert "num_layers 4 -> 3" in capsys.readouterr().out
+  with pytest.raises(config_lib.ConfigError, match="has no config.json"):
+    common.adopt_architecture(cfg, str(tmp_path / "nowhere"))
+
+
+def test_the_policy_losses_refuse_a_dropout_rate_they_would_not_use():
+  from gptjax.stages import rl as rl_stage
+  cfg = config_lib.load(os.path.join(REPO, "experiments", "rl.py:ppo_micro"),
+                        ["model.dropout_rate=0.1"])
+  with pytest.raises(config_lib.ConfigError, match=r"model\.dropout_rate: 0\.1 given"):
+    rl_stage.validate(cfg)

@@ -8,6 +8,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from gptjax import batches as batches_lib
@@ -32,6 +33,34 @@ def make_env(cfg, *, scalar_head: bool | None = None) -> Env:
   if scalar_head is not None:
     mcfg = dataclasses.replace(mcfg, scalar_head=scalar_head)
   return Env(mesh=mesh, model=GPT(mcfg), model_cfg=mcfg.resolved())
+
+
+# Model fields that say how the network is run, not what it is. A stage that starts from a
+# previous workdir takes that run's architecture, but these stay the current config's: dropout,
+# rematerialisation and the compute dtype are choices of this run's training, and taking them from
+# the checkpoint silently ignored a `--config.model.dropout_rate` given to a later stage.
+RUN_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "scan_unroll", "scalar_head")
+
+
+def adopt_architecture(cfg, prev_workdir: str) -> None:
+  """Sets `cfg.model` to the architecture of the run in `prev_workdir`, keeping RUN_FIELDS.
+
+  Architecture fields the config set to something else (a preset sized for another run) are
+  named in a message, so the change is visible."""
+  path = os.path.join(prev_workdir, "config.json")
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"train.init_from: {prev_workdir} has no config.json; is it a "
+                                 "gptjax workdir?")
+  prev = config_lib.from_json(path).model.to_dict()
+  mine = cfg.model.to_dict()
+  changed = [f"{k} {mine[k]!r} -> {v!r}" for k, v in prev.items()
+             if k in mine and k not in RUN_FIELDS and k != "vocab_size" and mine[k] != v]
+  merged = {**mine, **prev, **{k: mine[k] for k in RUN_FIELDS if k in mine}}
+  with cfg.unlocked():
+    cfg.model = ml_collections.ConfigDict(merged)
+  if changed:
+    print(f"model: the architecture of {prev_workdir} replaces this config's "
+          f"({', '.join(changed)})", flush=True)
 
 
 def init_params_fn(model, seq_len: int = 8):

@@ -131,6 +131,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
     raise config_lib.ConfigError("data.train_source: DPO needs preference pairs "
                                  "(preference_jsonl:PATH)")
   rl_stage.inherit_model_config(cfg)
+  rl_stage.check_no_dropout(cfg)
   os.makedirs(workdir, exist_ok=True)
   train_records = load_records(cfg.data.train_source, cfg)
   msgs = [r["prompt"] for r in train_records]

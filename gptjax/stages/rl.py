@@ -179,6 +179,16 @@ def bind_policy_loss(cfg):
   return functools.partial(common.bind_loss(cfg), **shared)
 
 
+def check_no_dropout(cfg) -> None:
+  """The policy losses (PPO, GRPO, DPO) run the network deterministically: a dropout mask would
+  make the ratio to the old and reference log-probs differ from 1 with no change of parameters.
+  So a dropout rate here would be silently unused; say so instead."""
+  if cfg.model.dropout_rate:
+    raise config_lib.ConfigError(
+        f"model.dropout_rate: {cfg.model.dropout_rate} given, but the {cfg.loss.name} loss runs "
+        "without dropout (its log-prob ratios must be 1 at unchanged parameters); set it to 0")
+
+
 def validate(cfg) -> None:
   if cfg.loss.name not in ALGORITHMS:
     raise config_lib.ConfigError(f"loss.name: RL stages train 'ppo' or 'grpo', got "
@@ -186,6 +196,7 @@ def validate(cfg) -> None:
   if cfg.stage in ALGORITHMS and cfg.stage != cfg.loss.name:
     raise config_lib.ConfigError(f"stage {cfg.stage!r} does not match loss.name "
                                  f"{cfg.loss.name!r}")
+  check_no_dropout(cfg)
   vm = cfg.rl.value_model
   if vm not in ("head", "critic", "none"):
     raise config_lib.ConfigError(f"rl.value_model: expected head, critic or none, got {vm!r}")
@@ -200,17 +211,13 @@ def validate(cfg) -> None:
 
 
 def inherit_model_config(cfg) -> None:
-  """With `train.init_from`, the policy IS that run's network: take its model fields (dropout
-  off, the value head decided here), so an RL preset never disagrees with the SFT it starts from.
-  Lengths that no longer fit its max_len are shortened, with a message."""
+  """With `train.init_from`, the policy IS that run's network: take its architecture (the value
+  head and how the network is run stay this config's), so an RL preset never disagrees with the
+  SFT it starts from. Lengths that no longer fit its max_len are shortened, with a message."""
   if not cfg.train.init_from:
     return
-  prev = config_lib.from_json(os.path.join(cfg.train.init_from, "config.json")).model.to_dict()
+  common.adopt_architecture(cfg, cfg.train.init_from)
   with cfg.unlocked():
-    for k, v in prev.items():
-      if k in cfg.model and k not in ("scalar_head", "dropout_rate"):
-        cfg.model[k] = v
-    cfg.model.dropout_rate = 0.0
     max_len = int(cfg.model.max_len)
     if "rl" in cfg and cfg.rl.prompt_len + cfg.rl.max_new_tokens > max_len:
       new = max(max_len - cfg.rl.max_new_tokens, 8)

@@ -37,7 +37,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
@@ -64,18 +63,15 @@ def adopt_previous_stage(cfg, workdir: str, *, scalar_head: bool = False):
   prev = cfg.train.init_from
   if not prev:
     return None
-  cfg_path = os.path.join(prev, "config.json")
-  if not os.path.exists(cfg_path):
-    raise config_lib.ConfigError(f"train.init_from: {prev} has no config.json; is it a gptjax "
-                                 "workdir?")
-  model = config_lib.from_json(cfg_path).model.to_dict()
-  model["scalar_head"] = scalar_head
   with cfg.unlocked():
-    cfg.model = ml_collections.ConfigDict(model)
-    if cfg.data.seq_len > model["max_len"]:
-      print(f"data.seq_len {cfg.data.seq_len} > model.max_len {model['max_len']} of {prev}; "
-            f"using {model['max_len']}", flush=True)
-      cfg.data.seq_len = model["max_len"]
+    cfg.model.scalar_head = scalar_head
+  common.adopt_architecture(cfg, prev)
+  max_len = int(cfg.model.max_len)
+  if cfg.data.seq_len > max_len:
+    print(f"data.seq_len {cfg.data.seq_len} > model.max_len {max_len} of {prev}; using "
+          f"{max_len}", flush=True)
+    with cfg.unlocked():
+      cfg.data.seq_len = max_len
   if os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
     return tokenizers.load_tokenizer(workdir)
   tok = tokenizers.load_tokenizer(prev)
