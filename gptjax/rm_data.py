@@ -41,8 +41,9 @@ from gptjax.stages import sft as sft_stage
 MANIFEST = "manifest.json"
 
 
-def prompt_set(cfg, split: str, n: int, *, seed_offset: int = 0) -> list[list[dict]]:
+def prompt_set(cfg, split: str, n: int, *, field: str, seed_offset: int = 0) -> list[list[dict]]:
   """`n` generation prompts (message lists) of a split, a deterministic sample of the dialogue.
+  `field` is the config field `n` came from, for the error when the split has fewer prompts.
 
   `rm_data.prompts` is `shakespeare:dialogue` (a speech, cut like SFT's) or `prompts_jsonl:PATH`.
   """
@@ -61,6 +62,9 @@ def prompt_set(cfg, split: str, n: int, *, seed_offset: int = 0) -> list[list[di
     from gptjax.config import ConfigError
     raise ConfigError(f"rm_data.prompts: expected '{sft_stage.DIALOGUE}' or "
                       f"'prompts_jsonl:PATH', got {src!r}")
+  if n > len(prompts):
+    from gptjax.config import ConfigError
+    raise ConfigError(f"{field}: {n} asked for, but {src} has only {len(prompts)} {split} prompts")
   order = np.random.default_rng([cfg.seed, seed_offset, split == "train"]).permutation(len(prompts))
   return [prompts[i] for i in order[:n]]
 
@@ -131,7 +135,7 @@ def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
   model, params, tok, sft_cfg = ckpt_lib.load_for_inference(sft_workdir)
   counts = {}
   for split, n, offset in (("train", r.train_prompts, 1), ("validation", r.validation_prompts, 2)):
-    prompts = prompt_set(cfg, split, n, seed_offset=offset)
+    prompts = prompt_set(cfg, split, n, field=f"rm_data.{split}_prompts", seed_offset=offset)
     records = sample_and_label(
         model, params, tok, prompts, k=r.replies_per_prompt, seed=cfg.seed * 1000 + offset,
         reply_tokens=cfg.sft.reply_tokens, max_len=sft_cfg.model.max_len,

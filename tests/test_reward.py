@@ -262,6 +262,16 @@ def test_preference_data_is_generated_once(sft_workdir, tmp_path):
   assert not {json.dumps(x["prompt"]) for x in recs} & {json.dumps(x["prompt"]) for x in val}
 
 
+def test_asking_for_more_prompts_than_a_split_has_is_an_error_not_a_shorter_set():
+  cfg = load("reward.py:micro")
+  n = len(sft.dialogue_examples("validation", val_fraction=cfg.data.val_fraction))
+  assert len(rm_data.prompt_set(cfg, "validation", n, field="x")) == n
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"rm_data\.validation_prompts: {n + 1} asked for, but "
+                           rf"shakespeare:dialogue has only {n} validation prompts"):
+    rm_data.prompt_set(cfg, "validation", n + 1, field="rm_data.validation_prompts")
+
+
 def test_reward_end_to_end_exact_resume_and_scorer(sft_workdir, tmp_path):
   prefs = str(tmp_path / "prefs")
   straight = reward.run(rm_cfg(sft_workdir, prefs, "train.steps=8", "reward.best_of_n_prompts=0"),

@@ -434,7 +434,8 @@ def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16)) -> dict:
   held-out prompt, for each N (the same samples for every N, so the curve is paired)."""
   r = cfg.reward
   n_max = max(ns)
-  prompts = rm_data.prompt_set(cfg, "validation", r.best_of_n_prompts, seed_offset=3)
+  prompts = rm_data.prompt_set(cfg, "validation", r.best_of_n_prompts,
+                               field="reward.best_of_n_prompts", seed_offset=3)
   sft_model, sft_params, _, sft_cfg = ckpt_lib.load_for_inference(cfg.train.init_from)
   ids, _ = sft_stage.fit_prompts(prompts, tok, max_len=sft_cfg.model.max_len,
                                  reply_tokens=cfg.sft.reply_tokens)
