@@ -154,8 +154,9 @@ def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
       json.dump({"digest": digest, "request": request, "counts": counts, "files": paths}, f,
                 indent=2)
     os.replace(manifest_path + ".tmp", manifest_path)
-  # Every process sampled the same records (same seeds, same order); process 0 alone wrote them,
-  # and the others read those files next, so none may go on before they exist.
+  # Every process holds the same records (each sampled a share of the batches, then all were
+  # gathered); process 0 alone wrote them, and the others read those files next, so none may go
+  # on before they exist.
   sharding.barrier("rm_data:" + digest)
   print(f"[{out_dir}] preference data: " + "; ".join(
       f"{s} {c['prompts']} prompts x {r.replies_per_prompt} replies" for s, c in counts.items()),

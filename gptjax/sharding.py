@@ -148,6 +148,37 @@ def process_zero_decides(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
+def process_local(tree):
+  """`tree` as arrays this process can compute with alone, or None if some leaf is split across
+  processes. Leaves already on this process are kept; a leaf replicated over a multi-process mesh
+  becomes its copy on this process's first device (no communication)."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  if all(x.is_fully_addressable for x in leaves):
+    return tree
+  if not all(x.is_fully_replicated for x in leaves):
+    return None
+  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+def split_over_processes(fn, n: int) -> list:
+  """[fn(0), ..., fn(n-1)], each item computed by one process (round-robin) and gathered to all.
+
+  For host-driven loops over independent items, e.g. sampling batches with process-local
+  parameters: every process used to compute every item. `fn` may not call collectives, and its
+  results must be numpy pytrees of one structure and shape, since they travel as one stacked
+  array. Every process must call this together, with the same `n`."""
+  p, me = jax.process_count(), jax.process_index()
+  if p == 1 or n == 0:
+    return [fn(b) for b in range(n)]
+  mine = [fn(b) for b in range(me, n, p)]
+  per = -(-n // p)
+  # A process with fewer items (or none, when n < p) pads with a copy, so all send one shape.
+  filler = mine[0] if mine else fn(0)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *(mine + [filler] * (per - len(mine))))
+  gathered = multihost_utils.process_allgather(stacked)          # leaves [p, per, ...]
+  return [jax.tree.map(lambda x: np.asarray(x[b % p, b // p]), gathered) for b in range(n)]
+
+
 def init_distributed(cfg) -> None:
   """Initialises jax.distributed from the config, or from the environment on a TPU pod / SLURM.
 

@@ -48,6 +48,35 @@ def test_two_processes_match_one_process_with_the_whole_batch():
   assert single[-1] < single[0]
 
 
+def test_host_loops_are_split_over_processes_not_repeated():
+  """`split_over_processes` gives every process all items while each computes only its own
+  (round-robin; with fewer items than processes, the idle one computes a filler it discards), and
+  `process_local` hands out a replicated array's local copy but refuses a split one."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(HELPERS, "multihost_split.py"), str(port), str(i)],
+      env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = {}
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+      r = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
+      outs[r["process"]] = r
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert outs[0]["5"]["computed"] == [0, 2, 4] and outs[1]["5"]["computed"] == [1, 3]
+  assert outs[0]["1"]["computed"] == [0] and outs[1]["1"]["computed"] == [0]    # the filler
+  for r in outs.values():
+    assert r["5"]["blocks"] == [0, 1, 2, 3, 4] and r["5"]["whole"]
+    assert r["1"]["blocks"] == [0] and r["1"]["whole"]
+    assert r["process_local"] == {"replicated_is_local": True, "values": [0, 1, 2, 3, 4, 5],
+                                  "split_gives_none": True}
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -110,9 +139,9 @@ def test_rl_stage_on_two_processes_matches_one_process(tmp_path):
 
 def test_reward_stage_on_two_processes_matches_one_process(micro_pipeline, tmp_path):
   """The reward stage through the CLI on two gloo processes, from the micro pipeline's SFT run:
-  the preference data (sampled on every process, written by process 0 behind a barrier), the
-  training losses and the held-out report (accuracy, Spearman, normalisation, best-of-N) equal a
-  one-process run's."""
+  the preference data (each process samples a share of the batches, gathered; process 0 writes
+  the files behind a barrier), the training losses and the held-out report (accuracy, Spearman,
+  normalisation, best-of-N) equal a one-process run's."""
   rm = ["-m", "gptjax.main", "train", "--config",
         os.path.join(REPO, "experiments", "reward.py") + ":micro", "--no_progress",
         f"--config.train.init_from={os.path.join(micro_pipeline, 'sft')}",

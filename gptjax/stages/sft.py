@@ -32,6 +32,7 @@ stage and its preference-data generator (`gptjax/rm_data.py`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -43,6 +44,7 @@ from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sampling
+from gptjax import sharding as shd
 from gptjax import trainer
 from gptjax.data import chat, packing, shakespeare, tokenizers
 from gptjax.data.loader import PackedLoader
@@ -223,9 +225,9 @@ def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int
   n = len(prompt_ids)
   width = max(len(p) for p in prompt_ids)
   rows = min(batch_size, n)
-  replies, ended = [], []
-  for b, start in enumerate(range(0, n, rows)):
-    chunk = prompt_ids[start:start + rows]
+
+  def one_batch(params, b):
+    chunk = prompt_ids[b * rows:(b + 1) * rows]
     arr = np.full((rows, width), tok.pad_id, np.int32)
     lengths = np.ones(rows, np.int32)
     for i, p in enumerate(chunk):
@@ -235,8 +237,21 @@ def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int
                             rng=jax.random.fold_in(jax.random.key(seed), b),
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             eos_ids=stops, pad_id=tok.pad_id)
-    comp, mask = jax.device_get((out.completion, out.completion_mask))
-    for i in range(len(chunk)):
+    return tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
+
+  num_batches = -(-n // rows)
+  local = shd.process_local(params)
+  if local is not None:
+    # Parameters every process holds whole: each samples its share of the batches. A batch's
+    # key depends on its index only, so the replies equal one process's.
+    batches = shd.split_over_processes(functools.partial(one_batch, local), num_batches)
+  else:
+    # Parameters split across processes: the sampler's programs span all of them, so every
+    # process runs every batch together.
+    batches = [one_batch(params, b) for b in range(num_batches)]
+  replies, ended = [], []
+  for b, (comp, mask) in enumerate(batches):
+    for i in range(min(rows, n - b * rows)):
       ids = [int(t) for t in comp[i][mask[i] > 0]]
       replies.append(ids)
       ended.append(bool(ids) and ids[-1] in stops)
