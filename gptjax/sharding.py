@@ -148,16 +148,21 @@ def process_zero_decides(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
+def is_process_local(tree) -> bool:
+  """Whether every array leaf of `tree` is whole on this process: its own (fully addressable), or
+  replicated over a multi-process mesh. False when some leaf is split across processes."""
+  return all(x.is_fully_addressable or x.is_fully_replicated
+             for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+
+
 def process_local(tree):
-  """`tree` as arrays this process can compute with alone, or None if some leaf is split across
-  processes. Leaves already on this process are kept; a leaf replicated over a multi-process mesh
-  becomes its copy on this process's first device (no communication)."""
-  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
-  if all(x.is_fully_addressable for x in leaves):
-    return tree
-  if not all(x.is_fully_replicated for x in leaves):
-    return None
-  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+  """`tree` as arrays this process can compute with alone (see `is_process_local`). Leaves already
+  on this process are kept; a replicated leaf of a multi-process mesh becomes its copy on this
+  process's first device (no communication)."""
+  if not is_process_local(tree):
+    raise ValueError("process_local: some arrays are split across processes")
+  return jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or x.is_fully_addressable
+                      else x.addressable_data(0), tree)
 
 
 def split_over_processes(fn, n: int) -> list:

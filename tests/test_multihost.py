@@ -51,7 +51,7 @@ def test_two_processes_match_one_process_with_the_whole_batch():
 def test_host_loops_are_split_over_processes_not_repeated():
   """`split_over_processes` gives every process all items while each computes only its own
   (round-robin; with fewer items than processes, the idle one computes a filler it discards), and
-  `process_local` hands out a replicated array's local copy but refuses a split one."""
+  `process_local` hands out a replicated array's local copy, while a split one is not local."""
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HELPERS, "multihost_split.py"), str(port), str(i)],
@@ -74,7 +74,7 @@ def test_host_loops_are_split_over_processes_not_repeated():
     assert r["5"]["blocks"] == [0, 1, 2, 3, 4] and r["5"]["whole"]
     assert r["1"]["blocks"] == [0] and r["1"]["whole"]
     assert r["process_local"] == {"replicated_is_local": True, "values": [0, 1, 2, 3, 4, 5],
-                                  "split_gives_none": True}
+                                  "split_is_not_local": True}
 
 
 def _metrics(workdir):

@@ -127,6 +127,11 @@ class TokenScorer:
   def __init__(self, rm):
     self.rm = rm
 
+  @property
+  def params(self):
+    """The reward model's parameters, so callers can tell whether it is whole on each process."""
+    return getattr(self.rm, "params", None)
+
   def __call__(self, *, tokens, total_lengths, prompt_texts=None, completion_texts=None):
     mask = (jnp.arange(tokens.shape[1])[None, :] < total_lengths[:, None]).astype(jnp.int32)
     return shd.to_host(self.rm.score_tokens(tokens, mask)).astype(np.float32)

@@ -359,30 +359,58 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   ids, lengths, texts = encode_prompts([chat.as_messages(p) if isinstance(p, str) else p
                                         for p in prompts], tok, prompt_len)
   eos = chat.reply_stop_ids(tok)
-  replies, kls, has_eos = [], [], []
   key = jax.random.key(seed)
-  for start in range(0, len(ids), batch_size):
+  starts = list(range(0, len(ids), batch_size))
+
+  def one_batch(params, ref_params, b):
+    """Completion ids, mask and KL of the kept reply of each prompt in batch b, padded to
+    `batch_size` rows so every batch has one shape; `n` says how many rows are real."""
+    start = starts[b]
     rows = np.repeat(np.arange(start, min(start + batch_size, len(ids))), best_of)
     out = sampling.generate(model, params, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]),
                             rng=jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
                             temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
     comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
-    outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
-            for r, mr in zip(comp, mask)]
-    stop = np.any(np.isin(comp, eos) & (mask > 0), axis=1)
+    pick = np.arange(len(rows))
+    kl = np.zeros(len(rows), np.float32)
     if best_of > 1:
+      outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
+              for r, mr in zip(comp, mask)]
       s = scorer(tokens=out.tokens, total_lengths=out.total_lengths,
                  prompt_texts=[texts[i] for i in rows], completion_texts=outs)
       pick = np.arange(0, len(rows), best_of) + np.argmax(s.reshape(-1, best_of), axis=1)
-      outs = [outs[i] for i in pick]
-      stop = stop[pick]
-      kls += [np.log(best_of) - (best_of - 1) / best_of] * len(pick)
-    elif ref is not None:
+    elif ref_params is not None:
       lp = sampling.completion_logprobs(model, params, out, temperature=temperature)
-      lr = sampling.completion_logprobs(ref[0], ref[1], out, temperature=temperature)
-      kls += list(shd.to_host(jnp.sum(lp - lr, axis=1)))
-    replies += outs
-    has_eos += list(stop)
+      lr = sampling.completion_logprobs(ref[0], ref_params, out, temperature=temperature)
+      kl = shd.to_host(jnp.sum(lp - lr, axis=1)).astype(np.float32)
+    pad = batch_size - len(pick)
+    return {"comp": np.pad(comp[pick], ((0, pad), (0, 0))),
+            "mask": np.pad(mask[pick], ((0, pad), (0, 0))),
+            "kl": np.pad(kl, (0, pad)), "n": np.int32(len(pick))}
+
+  frozen = (params, ref[1] if ref is not None else None)
+  scorer_params = getattr(scorer, "params", None)
+  if shd.is_process_local((frozen, scorer_params)):
+    # Every network is whole on each process: each samples its share of the batches (a batch's
+    # key depends on its index only, so the results equal one process's) and all are gathered.
+    batches = shd.split_over_processes(
+        functools.partial(one_batch, *shd.process_local(frozen)), len(starts))
+  else:
+    # Parameters split across processes: the programs span all of them, so every process runs
+    # every batch together.
+    batches = [one_batch(*frozen, b) for b in range(len(starts))]
+  replies, kls, has_eos = [], [], []
+  for r in batches:
+    comp, mask = r["comp"][:r["n"]], r["mask"][:r["n"]]
+    replies += [tok.decode([t for t, m in zip(row, mrow) if m > 0 and t not in eos])
+                for row, mrow in zip(comp, mask)]
+    has_eos += list(np.any(np.isin(comp, eos) & (mask > 0), axis=1))
+    kls += list(r["kl"][:r["n"]])
+  if best_of > 1:
+    # Best-of-n's KL to its sampler is the analytic log n − (n−1)/n per prompt (see above).
+    kls = [np.log(best_of) - (best_of - 1) / best_of] * len(replies)
+  elif ref is None:
+    kls = []                             # no reference: no KL to report
   gold = labeler.gold_score(replies)
   res = {
       "label": label, "n": len(replies),

@@ -240,11 +240,11 @@ def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int
     return tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
 
   num_batches = -(-n // rows)
-  local = shd.process_local(params)
-  if local is not None:
+  if shd.is_process_local(params):
     # Parameters every process holds whole: each samples its share of the batches. A batch's
     # key depends on its index only, so the replies equal one process's.
-    batches = shd.split_over_processes(functools.partial(one_batch, local), num_batches)
+    batches = shd.split_over_processes(
+        functools.partial(one_batch, shd.process_local(params)), num_batches)
   else:
     # Parameters split across processes: the sampler's programs span all of them, so every
     # process runs every batch together.

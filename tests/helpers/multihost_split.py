@@ -42,7 +42,7 @@ def main():
   local = shd.process_local({"w": rep})["w"]
   got["process_local"] = {"replicated_is_local": bool(local.is_fully_addressable),
                           "values": np.asarray(local).tolist(),
-                          "split_gives_none": shd.process_local({"w": split}) is None}
+                          "split_is_not_local": not shd.is_process_local({"w": split})}
   print("RESULT " + json.dumps({"process": jax.process_index(), **{str(k): v for k, v in
                                                                   got.items()}}), flush=True)
   jax.distributed.shutdown()
