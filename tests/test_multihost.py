@@ -77,6 +77,34 @@ def test_host_loops_are_split_over_processes_not_repeated():
                                   "split_is_not_local": True}
 
 
+def test_held_out_evaluation_split_over_two_processes_equals_one(micro_pipeline):
+  """`evaluate_policy` with whole networks on each process splits its prompt batches over the
+  processes (with a reference, with best-of-N reranked by the RM, and with a partial last batch);
+  both processes get exactly the one-process result."""
+  script = os.path.join(HELPERS, "multihost_eval.py")
+  one = subprocess.run([sys.executable, script, micro_pipeline], env=child_env(1),
+                       capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, script, micro_pipeline, str(port), str(i)],
+                            env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      assert p.returncode == 0, f"process exited with {p.returncode}\n{err[-3000:]}"
+      outs.append([l for l in out.splitlines() if l.startswith("RESULT ")][-1])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  expected = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  assert outs[0] == outs[1] == expected
+  results = json.loads(expected[7:])
+  assert [r["n"] for r in results] == [24, 24, 24] and results[0]["kl_to_ref"] is not None
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]

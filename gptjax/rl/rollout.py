@@ -22,6 +22,7 @@ estimators and β controllers (`kl.py`), stage wiring and evaluation (`stages/rl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -130,7 +131,13 @@ class TokenScorer:
   @property
   def params(self):
     """The reward model's parameters, so callers can tell whether it is whole on each process."""
-    return getattr(self.rm, "params", None)
+    return self.rm.params
+
+  def with_params(self, params) -> "TokenScorer":
+    """The same scorer computing with `params`, e.g. this process's copy of replicated ones."""
+    rm = copy.copy(self.rm)
+    rm.params = params
+    return TokenScorer(rm)
 
   def __call__(self, *, tokens, total_lengths, prompt_texts=None, completion_texts=None):
     mask = (jnp.arange(tokens.shape[1])[None, :] < total_lengths[:, None]).astype(jnp.int32)

@@ -348,6 +348,8 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   KL estimate E[Σ_t log π − log π_ref] over the policy's own samples at `temperature`.
   best_of > 1 draws that many replies per prompt and keeps the one `scorer` (e.g. the RM's
   RewardScorer via rollout.TokenScorer) likes best; its KL to the sampler is the analytic log n − (n−1)/n.
+  With several processes and networks whole on each, every process samples its share of the
+  prompt batches (a scorer follows if it is a TextScorer or has `with_params`, as TokenScorer does).
   Returns {gold_mean, gold_se, kl_to_ref, distinct_2, eos_fraction, n, ...} and, with out_dir,
   writes <out_dir>/eval.json (the metrics and `num_samples` samples) and eval_samples.jsonl (all).
   """
@@ -362,7 +364,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   key = jax.random.key(seed)
   starts = list(range(0, len(ids), batch_size))
 
-  def one_batch(params, ref_params, b):
+  def one_batch(params, ref_params, scorer, b):
     """Completion ids, mask and KL of the kept reply of each prompt in batch b, padded to
     `batch_size` rows so every batch has one shape; `n` says how many rows are real."""
     start = starts[b]
@@ -372,7 +374,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
                             temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
     comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
     pick = np.arange(len(rows))
-    kl = np.zeros(len(rows), np.float32)
+    kl = None
     if best_of > 1:
       outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
               for r, mr in zip(comp, mask)]
@@ -383,22 +385,32 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
       lp = sampling.completion_logprobs(model, params, out, temperature=temperature)
       lr = sampling.completion_logprobs(ref[0], ref_params, out, temperature=temperature)
       kl = shd.to_host(jnp.sum(lp - lr, axis=1)).astype(np.float32)
+    if kl is None:
+      kl = np.zeros(len(pick), np.float32)
     pad = batch_size - len(pick)
     return {"comp": np.pad(comp[pick], ((0, pad), (0, 0))),
             "mask": np.pad(mask[pick], ((0, pad), (0, 0))),
             "kl": np.pad(kl, (0, pad)), "n": np.int32(len(pick))}
 
   frozen = (params, ref[1] if ref is not None else None)
-  scorer_params = getattr(scorer, "params", None)
-  if shd.is_process_local((frozen, scorer_params)):
+  # A scorer can follow the split if it computes in Python (TextScorer) or can be handed this
+  # process's copy of its network (TokenScorer.with_params); any other runs every batch jointly.
+  scorer_params = None if scorer is None or isinstance(scorer, rollout_lib.TextScorer) else \
+      getattr(scorer, "params", None)
+  movable = (scorer is None or isinstance(scorer, rollout_lib.TextScorer)
+             or hasattr(scorer, "with_params"))
+  if movable and shd.is_process_local((frozen, scorer_params)):
     # Every network is whole on each process: each samples its share of the batches (a batch's
     # key depends on its index only, so the results equal one process's) and all are gathered.
+    local_params, local_ref = shd.process_local(frozen)
+    local_scorer = (scorer.with_params(shd.process_local(scorer_params))
+                    if scorer_params is not None else scorer)
     batches = shd.split_over_processes(
-        functools.partial(one_batch, *shd.process_local(frozen)), len(starts))
+        functools.partial(one_batch, local_params, local_ref, local_scorer), len(starts))
   else:
     # Parameters split across processes: the programs span all of them, so every process runs
     # every batch together.
-    batches = [one_batch(*frozen, b) for b in range(len(starts))]
+    batches = [one_batch(*frozen, scorer, b) for b in range(len(starts))]
   replies, kls, has_eos = [], [], []
   for r in batches:
     comp, mask = r["comp"][:r["n"]], r["mask"][:r["n"]]
