@@ -121,7 +121,8 @@ def measure(algorithm: str, *, warmup: int, repeats: int) -> dict:
   return {"algorithm": algorithm, "total_s": float(np.median(total)),
           "rollout_s": float(np.median(roll)), "update_s": float(np.median(upd)),
           "updates_per_iteration": source.cfg.steps_per_iteration, "warmup_s": warm_s,
-          "minor_faults": int(np.median(faults)), "completions": PROMPTS * GROUP, "new_tokens": NEW_TOKENS, "repeats": repeats}
+          "minor_faults": int(np.median(faults)), "completions": PROMPTS * GROUP,
+          "new_tokens": NEW_TOKENS, "repeats": repeats}
 
 
 def main():

@@ -80,16 +80,8 @@ def bow_scores(vocab: dict, w: np.ndarray, texts: list[str]) -> np.ndarray:
 
 
 def rm_scores(workdir: str, records: list[dict]) -> np.ndarray:
-  from gptjax.data import chat
   from gptjax.stages import reward
-  rm = reward.load_reward_model(workdir)
-  seqs = []
-  for r in records:
-    prompt = chat.render_prompt(r["prompt"], rm.tokenizer)
-    seqs += [reward.sequence_ids(prompt, c, seq_len=rm.seq_len)
-             for c in reward.completions(r, rm.tokenizer)]
-  return reward.score_sequences(rm._score, rm.params, seqs, seq_len=rm.seq_len,
-                                pad_id=rm.tokenizer.pad_id)
+  return reward.load_reward_model(workdir).score_records(records)
 
 
 def main():

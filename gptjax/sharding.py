@@ -12,6 +12,7 @@ annotated parameters and batches instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -182,6 +183,19 @@ def split_over_processes(fn, n: int) -> list:
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *(mine + [filler] * (per - len(mine))))
   gathered = multihost_utils.process_allgather(stacked)          # leaves [p, per, ...]
   return [jax.tree.map(lambda x: np.asarray(x[b % p, b // p]), gathered) for b in range(n)]
+
+
+def map_batches(fn, n: int, networks, *, splittable: bool = True) -> list:
+  """[fn(networks, 0), ..., fn(networks, n-1)] for a host-driven loop over batches.
+
+  When every array in `networks` is whole on each process (and `splittable`), the batches are
+  split over the processes (`split_over_processes`) and `fn` gets this process's copies
+  (`process_local`). Otherwise the networks are split across processes, the programs that use
+  them span all of them, and every process runs every batch together. `fn`'s results follow
+  `split_over_processes`'s rules either way."""
+  if splittable and is_process_local(networks):
+    return split_over_processes(functools.partial(fn, process_local(networks)), n)
+  return [fn(networks, b) for b in range(n)]
 
 
 def init_distributed(cfg) -> None:

@@ -24,22 +24,35 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_whole_batch():
+def _two_processes(argv_of, *, cwd=None) -> list[str]:
+  """Runs `argv_of(port, process_id)` as two processes of one run on localhost (one CPU device
+  each); returns their stdouts in process order, failing with the output of one that did not
+  exit 0."""
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HELPERS, "multihost_step.py"), str(port), str(i), str(STEPS)],
-      env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [subprocess.Popen(argv_of(port, i), env=child_env(1), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []
   try:
     for p in procs:
       out, err = p.communicate(timeout=300)
       assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
-      outs.append(json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:]))
+      outs.append(out)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+  return outs
+
+
+def _result(stdout: str) -> str:
+  """The JSON a helper printed on its last `RESULT ` line."""
+  return [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1][7:]
+
+
+def test_two_processes_match_one_process_with_the_whole_batch():
+  script = os.path.join(HELPERS, "multihost_step.py")
+  outs = [json.loads(_result(o)) for o in _two_processes(
+      lambda port, i: [sys.executable, script, str(port), str(i), str(STEPS)])]
   assert sorted(o["process"] for o in outs) == [0, 1]
   # The loss is a global value: both processes see the same one.
   np.testing.assert_array_equal(outs[0]["losses"], outs[1]["losses"])
@@ -52,22 +65,9 @@ def test_host_loops_are_split_over_processes_not_repeated():
   """`split_over_processes` gives every process all items while each computes only its own
   (round-robin; with fewer items than processes, the idle one computes a filler it discards), and
   `process_local` hands out a replicated array's local copy, while a split one is not local."""
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HELPERS, "multihost_split.py"), str(port), str(i)],
-      env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outs = {}
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=300)
-      assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
-      r = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
-      outs[r["process"]] = r
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  script = os.path.join(HELPERS, "multihost_split.py")
+  outs = {r["process"]: r for r in (json.loads(_result(o)) for o in _two_processes(
+      lambda port, i: [sys.executable, script, str(port), str(i)]))}
   assert outs[0]["5"]["computed"] == [0, 2, 4] and outs[1]["5"]["computed"] == [1, 3]
   assert outs[0]["1"]["computed"] == [0] and outs[1]["1"]["computed"] == [0]    # the filler
   for r in outs.values():
@@ -85,23 +85,11 @@ def test_held_out_evaluation_split_over_two_processes_equals_one(micro_pipeline)
   one = subprocess.run([sys.executable, script, micro_pipeline], env=child_env(1),
                        capture_output=True, text=True, timeout=300)
   assert one.returncode == 0, one.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, script, micro_pipeline, str(port), str(i)],
-                            env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=300)
-      assert p.returncode == 0, f"process exited with {p.returncode}\n{err[-3000:]}"
-      outs.append([l for l in out.splitlines() if l.startswith("RESULT ")][-1])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  expected = [l for l in one.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  outs = [_result(o) for o in _two_processes(
+      lambda port, i: [sys.executable, script, micro_pipeline, str(port), str(i)])]
+  expected = _result(one.stdout)
   assert outs[0] == outs[1] == expected
-  results = json.loads(expected[7:])
+  results = json.loads(expected)
   assert [r["n"] for r in results] == [24, 24, 24] and results[0]["kl_to_ref"] is not None
 
 
@@ -113,26 +101,14 @@ def _metrics(workdir):
 
 def _cli_on_two_processes_and_one(args, tmp_path):
   """Runs `python <args> --workdir DIR` on two gloo processes and on one; returns both workdirs."""
-  port = _free_port()
-  multi = str(tmp_path / "two")
-  procs = [subprocess.Popen(
-      [sys.executable, *args, "--workdir", multi,
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       "--config.distributed.cpu_collectives=gloo"],
-      env=child_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  single = str(tmp_path / "one")
+  multi, single = str(tmp_path / "two"), str(tmp_path / "one")
+  _two_processes(lambda port, i: [
+      sys.executable, *args, "--workdir", multi,
+      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+      "--config.distributed.cpu_collectives=gloo"], cwd=REPO)
   one = subprocess.run([sys.executable, *args, "--workdir", single], env=child_env(1), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=300)
-      assert p.returncode == 0, f"process exited with {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
   assert one.returncode == 0, one.stderr[-3000:]
   return multi, single
 

@@ -38,6 +38,7 @@ score of the chosen reply for N = 1 … 16, beside the mean of all samples and t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -215,6 +216,15 @@ def score_sequences(score_fn, params, seqs: list[list[int]], *, seq_len: int, pa
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def score_records(score_fn, params, recs: list[dict], tok, *, seq_len: int) -> np.ndarray:
+  """Rewards of every reply of every preference record, flat in record order."""
+  seqs = []
+  for r in recs:
+    prompt = chat.render_prompt(r["prompt"], tok)
+    seqs += [sequence_ids(prompt, c, seq_len=seq_len) for c in completions(r, tok)]
+  return score_sequences(score_fn, params, seqs, seq_len=seq_len, pad_id=tok.pad_id)
+
+
 class RewardScorer:
   """`scorer(prompt_ids, completion_ids) -> scores [B]`; see the module docstring."""
 
@@ -225,6 +235,10 @@ class RewardScorer:
 
   def score_tokens(self, tokens, mask):
     return self._score(self.params, tokens, mask)
+
+  def score_records(self, recs: list[dict]) -> np.ndarray:
+    """Normalised rewards of every reply of preference records, flat in record order."""
+    return score_records(self._score, self.params, recs, self.tokenizer, seq_len=self.seq_len)
 
   def __call__(self, prompt_ids, completion_ids) -> np.ndarray:
     pad = self.tokenizer.pad_id
@@ -367,13 +381,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
             "loss": config_lib.loss_kwargs(cfg)}
   report.update(evaluate(result.state))
 
-  def scores_of(recs):
-    seqs = []
-    for r in recs:
-      prompt = chat.render_prompt(r["prompt"], tok)
-      seqs += [sequence_ids(prompt, c, seq_len=seq) for c in completions(r, tok)]
-    raw = score_sequences(score_fn, params, seqs, seq_len=seq, pad_id=tok.pad_id)
-    return raw
+  scores_of = functools.partial(score_records, score_fn, params, tok=tok, seq_len=seq)
 
   # Normalisation over the training prompts' replies (for generated data: SFT samples).
   raw_train = scores_of(train_recs)

@@ -364,9 +364,11 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   key = jax.random.key(seed)
   starts = list(range(0, len(ids), batch_size))
 
-  def one_batch(params, ref_params, scorer, b):
+  def one_batch(networks, b):
     """Completion ids, mask and KL of the kept reply of each prompt in batch b, padded to
     `batch_size` rows so every batch has one shape; `n` says how many rows are real."""
+    params, ref_params, scorer_params = networks
+    scorer_b = scorer if scorer_params is None else scorer.with_params(scorer_params)
     start = starts[b]
     rows = np.repeat(np.arange(start, min(start + batch_size, len(ids))), best_of)
     out = sampling.generate(model, params, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]),
@@ -374,43 +376,32 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
                             temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
     comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
     pick = np.arange(len(rows))
-    kl = None
+    kl = np.zeros(len(rows), np.float32)
     if best_of > 1:
       outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
               for r, mr in zip(comp, mask)]
-      s = scorer(tokens=out.tokens, total_lengths=out.total_lengths,
-                 prompt_texts=[texts[i] for i in rows], completion_texts=outs)
+      s = scorer_b(tokens=out.tokens, total_lengths=out.total_lengths,
+                   prompt_texts=[texts[i] for i in rows], completion_texts=outs)
       pick = np.arange(0, len(rows), best_of) + np.argmax(s.reshape(-1, best_of), axis=1)
+      kl = np.zeros(len(pick), np.float32)          # analytic for best-of-n: set below
     elif ref_params is not None:
       lp = sampling.completion_logprobs(model, params, out, temperature=temperature)
       lr = sampling.completion_logprobs(ref[0], ref_params, out, temperature=temperature)
       kl = shd.to_host(jnp.sum(lp - lr, axis=1)).astype(np.float32)
-    if kl is None:
-      kl = np.zeros(len(pick), np.float32)
     pad = batch_size - len(pick)
     return {"comp": np.pad(comp[pick], ((0, pad), (0, 0))),
             "mask": np.pad(mask[pick], ((0, pad), (0, 0))),
             "kl": np.pad(kl, (0, pad)), "n": np.int32(len(pick))}
 
-  frozen = (params, ref[1] if ref is not None else None)
-  # A scorer can follow the split if it computes in Python (TextScorer) or can be handed this
-  # process's copy of its network (TokenScorer.with_params); any other runs every batch jointly.
-  scorer_params = None if scorer is None or isinstance(scorer, rollout_lib.TextScorer) else \
-      getattr(scorer, "params", None)
-  movable = (scorer is None or isinstance(scorer, rollout_lib.TextScorer)
-             or hasattr(scorer, "with_params"))
-  if movable and shd.is_process_local((frozen, scorer_params)):
-    # Every network is whole on each process: each samples its share of the batches (a batch's
-    # key depends on its index only, so the results equal one process's) and all are gathered.
-    local_params, local_ref = shd.process_local(frozen)
-    local_scorer = (scorer.with_params(shd.process_local(scorer_params))
-                    if scorer_params is not None else scorer)
-    batches = shd.split_over_processes(
-        functools.partial(one_batch, local_params, local_ref, local_scorer), len(starts))
-  else:
-    # Parameters split across processes: the programs span all of them, so every process runs
-    # every batch together.
-    batches = [one_batch(*frozen, scorer, b) for b in range(len(starts))]
+  # A scorer can follow a split over processes if it computes in Python (TextScorer) or can be
+  # handed this process's copy of its network (TokenScorer.with_params); any other runs every
+  # batch jointly. A batch's key depends on its index only, so a split equals one process.
+  text_scorer = scorer is None or isinstance(scorer, rollout_lib.TextScorer)
+  movable = text_scorer or hasattr(scorer, "with_params")
+  scorer_params = scorer.params if movable and not text_scorer else None
+  batches = shd.map_batches(
+      one_batch, len(starts), (params, ref[1] if ref is not None else None, scorer_params),
+      splittable=movable)
   replies, kls, has_eos = [], [], []
   for r in batches:
     comp, mask = r["comp"][:r["n"]], r["mask"][:r["n"]]

@@ -32,7 +32,6 @@ stage and its preference-data generator (`gptjax/rm_data.py`).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -239,16 +238,9 @@ def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int
                             eos_ids=stops, pad_id=tok.pad_id)
     return tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
 
-  num_batches = -(-n // rows)
-  if shd.is_process_local(params):
-    # Parameters every process holds whole: each samples its share of the batches. A batch's
-    # key depends on its index only, so the replies equal one process's.
-    batches = shd.split_over_processes(
-        functools.partial(one_batch, shd.process_local(params)), num_batches)
-  else:
-    # Parameters split across processes: the sampler's programs span all of them, so every
-    # process runs every batch together.
-    batches = [one_batch(params, b) for b in range(num_batches)]
+  # With parameters whole on each process, each samples its share of the batches; a batch's key
+  # depends on its index only, so the replies equal one process's.
+  batches = shd.map_batches(one_batch, -(-n // rows), params)
   replies, ended = [], []
   for b, (comp, mask) in enumerate(batches):
     for i in range(min(rows, n - b * rows)):
