@@ -146,7 +146,8 @@ def _train_stage(name, init_from=""):
     if res.interrupted:
       return None
     return {"steps": res.step, **res.timings,
-            "final_metrics": {k: v for k, v in res.last_metrics.items()}}
+            "final_metrics": {k: v for k, v in res.last_metrics.items()},
+            "stop_requested": res.stop_requested}
   return fn
 
 
@@ -228,7 +229,7 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
       f.write(config_lib.to_json(cfg))
     with open(os.path.join(run_dir, "environment.json"), "w") as f:
       json.dump(environment(), f, indent=2)
-  for name in stages:
+  for i, name in enumerate(stages):
     fingerprint = stage_fingerprint(cfg, name, run_dir)
     if is_done(run_dir, name) and name != "report":
       recorded = read_done(run_dir, name).get("config")
@@ -255,10 +256,17 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
     if info is None:
       print(f"[pipeline] {name}: interrupted; run the same command again to resume", flush=True)
       return 143
+    stop = info.pop("stop_requested", False)
     info["wall_s"] = time.time() - t0
     info["config"] = fingerprint
     _mark_done(run_dir, name, info)
     print(f"[pipeline] {name}: done in {info['wall_s']:.1f}s", flush=True)
+    if stop and i + 1 < len(stages):
+      # The signal came after the stage's last step: the stage is complete and kept, and the
+      # pipeline stops as asked instead of starting the next one.
+      print(f"[pipeline] stopping after {name}, as a signal asked; run the same command again to "
+            "go on", flush=True)
+      return 143
   return 0
 
 

@@ -42,6 +42,7 @@ class TrainResult:
   state: Any
   step: int
   interrupted: bool = False
+  stop_requested: bool = False     # SIGTERM/SIGINT arrived (interrupted, or after the last step)
   last_metrics: dict = dataclasses.field(default_factory=dict)
   timings: dict = dataclasses.field(default_factory=dict)
 
@@ -241,9 +242,14 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
     else:
       ckpt.save(step, state, source.get_state())
 
-  if bar is not None:
-    bar.close()
-  writer.close()
-  ckpt.close()
+    # Still under the flag: a SIGTERM during the final save and its wait (ckpt.close) must not
+    # kill the process half-way through writing the checkpoint. A stop asked for after the last
+    # step's check is reported, so the caller (the pipeline) stops before its next stage instead
+    # of swallowing it.
+    if bar is not None:
+      bar.close()
+    writer.close()
+    ckpt.close()
+    result.stop_requested = stop.signum is not None
   result.state, result.step, result.last_metrics, result.timings = state, step, last_logged, timings
   return result

@@ -100,10 +100,13 @@ def test_killed_pipeline_resumes_to_the_same_result(micro_pipeline, tmp_path):
   stages = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo")
   proc = subprocess.Popen(pipeline_cmd(run, stages), env=child_env(), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  first_ckpt = os.path.join(run, "pretrain", "checkpoints", "10")
+  # Signal at the first logged step (5 of 20), not at the first checkpoint (10): the micro steps
+  # take milliseconds, and from step 10 a loaded host sometimes finished the stage first.
+  metrics = os.path.join(run, "pretrain", "metrics.jsonl")
   deadline = time.time() + 600
-  while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
+  while proc.poll() is None and time.time() < deadline and not (
+      os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    time.sleep(0.02)
   assert proc.poll() is None, "the pipeline ended before it could be interrupted"
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -121,3 +124,36 @@ def test_killed_pipeline_resumes_to_the_same_result(micro_pipeline, tmp_path):
     a = _last(os.path.join(run, stage, "metrics.jsonl"), key)
     b = _last(os.path.join(ref, stage, "metrics.jsonl"), key)
     assert a == b, (stage, key, a, b)
+
+
+def test_a_signal_after_a_stages_last_step_stops_the_pipeline_before_the_next(tmp_path,
+                                                                               monkeypatch,
+                                                                               capsys):
+  """SIGTERM while pretraining writes its final checkpoint: the stage completes and is kept (the
+  checkpoint is whole), and the pipeline exits 143 instead of starting SFT. It used to swallow
+  such a signal and run on."""
+  from conftest import PIPELINE_MICRO
+  from gptjax import checkpoint as ckpt_lib
+  from gptjax import config as config_lib
+  from gptjax import pipeline
+  cfg = config_lib.load(PIPELINE_MICRO, ["pipeline.stages=('tokenizer','pretrain','sft')"])
+  last = cfg.pretrain.train.steps
+  save = ckpt_lib.Checkpointer.save
+
+  def save_then_signal(self, step, *a, **kw):
+    save(self, step, *a, **kw)
+    if step == last:
+      os.kill(os.getpid(), signal.SIGTERM)      # lands after the loop's last check
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_then_signal)
+  run = str(tmp_path / "run")
+  assert pipeline.run(cfg, run, progress=False) == 143
+  out = capsys.readouterr().out
+  assert "[pipeline] stopping after pretrain, as a signal asked" in out
+  assert "pretrain: interrupted" not in out
+  assert os.path.exists(os.path.join(run, "pretrain", "done.json"))
+  assert os.path.exists(os.path.join(run, "pretrain", "checkpoints", str(last),
+                                     "commit_success.txt"))
+  assert not os.path.exists(os.path.join(run, "sft"))
+  # The default SIGTERM action is back once the stage is over.
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
