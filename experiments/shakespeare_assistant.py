@@ -10,7 +10,8 @@ Presets:
 
 Every stage's sub-config can be overridden, e.g. `--config.ppo.rl.kl_coef=0.0` or
 `--config.pretrain.train.steps=2000`; `--config.pipeline.stages="('tokenizer','pretrain')"` runs a
-prefix of the pipeline.
+prefix of the pipeline. The optional stages `grpo`, `dpo` and `ppo_beta0` (PPO with β = 0, the
+over-optimisation run) are added the same way.
 """
 
 import os
@@ -77,13 +78,16 @@ def get_config(arg=None):
   c.ppo = rl_exp.get_config(f"ppo_{stage}")
   c.grpo = rl_exp.get_config(f"grpo_{stage}")
   c.dpo = rl_exp.get_config(f"dpo_{stage}")
+  # The over-optimisation run (an optional stage): the PPO stage with β = 0, a third longer.
+  c.ppo_beta0 = rl_exp.without_kl(
+      rl_exp.get_config(f"ppo_{stage}"), iterations=c.ppo.rl.iterations * 4 // 3)
   if preset == "tpu":
-    for sub in (c.sft, c.reward, c.ppo, c.grpo, c.dpo):
+    for sub in (c.sft, c.reward, c.ppo, c.grpo, c.dpo, c.ppo_beta0):
       sub.mesh.shape = c.pretrain.mesh.shape
   if preset == "micro":
     # rl.py's micro presets train a random model on a toy reward; in the pipeline the policy is
     # the SFT model and the reward is the RM, on the plays' held-out prompts.
-    for algo in (c.ppo, c.grpo):
+    for algo in (c.ppo, c.grpo, c.ppo_beta0):
       algo.rl.update(prompts=(), reward="rm", eval_prompts=8, eval_split="validation",
                      max_prompts=64, iterations=2)
       algo.data.source = "shakespeare:dialogue"

@@ -1,8 +1,9 @@
 """The pipeline's comparison step: every stage's model on the same held-out prompts.
 
-For base, SFT, best-of-16 (SFT reranked by the RM), PPO, GRPO and DPO (those that ran), one reply
-per held-out prompt is sampled at the same temperature and seed and scored by the gold labeler
-(VADER) and by the RM; the KL to SFT, distinct-2 and the end-of-turn rate come beside it. The
+For base, SFT, best-of-16 (SFT reranked by the RM), PPO, GRPO, DPO and PPO with β = 0 (those that
+ran), one reply per held-out prompt is sampled at the same temperature and seed and scored by the
+gold labeler (VADER) and by the RM, the proxy the RL stages optimise; the KL to SFT, distinct-2 and
+the end-of-turn rate come beside it. The
 best-of-N curve comes from the reward stage's own evaluation. Writes `<run>/compare.json`.
 """
 
@@ -12,6 +13,7 @@ import json
 import os
 
 
+from gptjax import pipeline
 from gptjax.stages import rl as rl_stage
 
 
@@ -31,7 +33,7 @@ def run(cfg, run_dir: str) -> dict:
                 temperature=ppo_cfg.rl.eval_temperature, prompt_len=ppo_cfg.rl.prompt_len,
                 seed=cfg.seed + 1234)
   policies = {"base": d("pretrain"), "sft": sft}
-  for name in ("ppo", "grpo", "dpo"):
+  for name in pipeline.COMPARED:
     if name in pc.stages and _done(run_dir, name):
       policies[name] = d(name)
   results = {}
@@ -41,19 +43,19 @@ def run(cfg, run_dir: str) -> dict:
       # The base model never saw the chat markers' meaning; it gets the same token prompt and
       # simply continues the document, which is the point of showing it.
       loaded = (loaded[0], loaded[1], tok)
-    results[name] = rl_stage.evaluate_policy(loaded, scorer=None, label=name, **common)
+    # The RM scores every policy's kept replies (proxy_mean); sampling does not depend on it.
+    results[name] = rl_stage.evaluate_policy(loaded, scorer=scorer, label=name, **common)
     if name == "sft":
       results["best-of-16"] = rl_stage.evaluate_policy(loaded, scorer=scorer, best_of=16,
                                                        label="best-of-16", **common)
-  # The RM's score of each policy's replies, the proxy the RL stages optimise.
-  ordered = ["base", "sft", "best-of-16", "ppo", "grpo", "dpo"]
+  ordered = ["base", "sft", "best-of-16", *pipeline.COMPARED]
   out_policies = {}
   for name in ordered:
     if name not in results:
       continue
     r = results[name]
-    out_policies[name] = {k: r.get(k) for k in ("gold_mean", "gold_se", "distinct_2",
-                                                 "eos_fraction", "mean_length")}
+    out_policies[name] = {k: r.get(k) for k in ("gold_mean", "gold_se", "proxy_mean", "proxy_se",
+                                                 "distinct_2", "eos_fraction", "mean_length")}
     out_policies[name]["kl_to_sft"] = (0.0 if name == "sft" else r.get("kl_to_ref"))
   bon = None
   rm_eval_path = os.path.join(d("reward"), "eval.json")

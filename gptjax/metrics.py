@@ -171,3 +171,19 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def rank_correlation(x, y) -> float | None:
+  """Spearman's ρ of two equal-length score vectors (ties get their mean rank).
+
+  None where it is undefined: fewer than three points, or either side constant (a collapsed
+  policy's replies can all score the same, and scipy would warn and return NaN).
+  """
+  from scipy import stats
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape != y.shape or x.ndim != 1:
+    raise ValueError(f"rank_correlation: expected two 1-D vectors of one length, got shapes "
+                     f"{x.shape} and {y.shape}")
+  if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return None
+  return float(stats.spearmanr(x, y).statistic)

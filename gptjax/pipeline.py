@@ -3,7 +3,8 @@
     gptjax pipeline --config experiments/shakespeare_assistant.py:tiny --workdir runs/demo
 
 Stages run in `cfg.pipeline.stages` order: tokenizer → pretrain → sft → rm_data → reward → ppo,
-with grpo and dpo as optional branches from SFT, then the comparison and the report card. Each
+with grpo, dpo and ppo_beta0 (PPO without its KL penalty: the over-optimisation run) as optional
+branches from SFT, then the comparison and the report card. Each
 stage writes `<run>/<stage>/done.json` when it completes; running the command again skips completed
 stages and resumes a partial one from its own checkpoints, so a killed pipeline finishes with the
 same result as an uninterrupted one. `done.json` records the config fields the stage depends on; a
@@ -26,7 +27,9 @@ import jax
 from gptjax import config as config_lib
 
 ALL_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
-              "compare", "report")
+              "ppo_beta0", "compare", "report")
+# The policies the comparison evaluates beside base, SFT and best-of-16, when they ran.
+COMPARED = ("ppo", "grpo", "dpo", "ppo_beta0")
 DONE_FILE = "done.json"
 
 
@@ -79,7 +82,7 @@ def stage_fingerprint(cfg, name: str, run_dir: str) -> dict:
     pc = cfg.pipeline.to_dict()
     pc.pop("stages")
     parts = {"pipeline": pc, "ppo.rl": cfg.ppo.rl.to_dict(),
-             "compared": [n for n in ("ppo", "grpo", "dpo")
+             "compared": [n for n in COMPARED
                           if n in cfg.pipeline.stages and is_done(run_dir, n)]}
   elif name == "report":
     parts = {}                      # rewritten from the files on every run
@@ -157,7 +160,7 @@ def _link(c, name, run_dir):
     # The reward stage finds the rm_data step's files through the same manifest, so it reuses
     # them instead of sampling again.
     _set(c, "rm_data.out_dir", stage_dir(run_dir, "rm_data"))
-  if name in ("ppo", "grpo"):
+  if name in ("ppo", "grpo", "ppo_beta0"):
     _set(c, "rl.reference_workdir", stage_dir(run_dir, "sft"))
     _set(c, "rl.reward_workdir", stage_dir(run_dir, "reward"))
   if name == "dpo":
@@ -198,6 +201,7 @@ STAGE_FNS = {
     "ppo": _train_stage("ppo", init_from="sft"),
     "grpo": _train_stage("grpo", init_from="sft"),
     "dpo": _train_stage("dpo", init_from="sft"),
+    "ppo_beta0": _train_stage("ppo_beta0", init_from="sft"),
     "compare": _compare,
     "report": _report,
 }

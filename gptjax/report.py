@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")       # headless: no display on CI machines or TPU VMs
 import matplotlib.pyplot as plt  # noqa: E402
 
-TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "ppo_beta0")
+RL_STAGES = ("ppo", "grpo", "ppo_beta0")
 
 
 def _load_jsonl(path):
@@ -132,6 +133,46 @@ def _bon(run_dir, compare, fname):
   return fname
 
 
+def _overopt(run_dir, fname):
+  """Proxy and gold against the KL to SFT, and their rank agreement, for PPO with and without β."""
+  runs = {s: _load_jsonl(os.path.join(run_dir, s, "metrics.jsonl")) for s in ("ppo", "ppo_beta0")}
+  runs = {s: [r for r in rows if "rl/gold_score" in r and "rl/kl" in r]
+          for s, rows in runs.items()}
+  if not runs["ppo_beta0"]:
+    return None
+  fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax_gold = ax.twinx()
+  colours = {"ppo": "#4c72b0", "ppo_beta0": "#c44e52"}
+  for s, rows in runs.items():
+    if not rows:
+      continue
+    kl = [r["rl/kl"] for r in rows]
+    ax.plot(kl, [r["rl/score"] for r in rows], color=colours[s], label=f"{s}: RM (proxy)")
+    ax_gold.plot(kl, [r["rl/gold_score"] for r in rows], color=colours[s], ls="--",
+                 label=f"{s}: gold")
+    rho = [(r["step"], r["rl/proxy_gold_spearman"]) for r in rows
+           if "rl/proxy_gold_spearman" in r]
+    if rho:
+      ax_rho.plot(*zip(*rho), color=colours[s], label=s)
+  ax.set_xlabel("KL to SFT (nats, this iteration's samples)")
+  ax.set_ylabel("RM score (solid)")
+  ax_gold.set_ylabel("gold VADER score (dashed)")
+  handles = ax.get_legend_handles_labels()
+  handles_g = ax_gold.get_legend_handles_labels()
+  ax.legend(handles[0] + handles_g[0], handles[1] + handles_g[1], fontsize=7, loc="upper left")
+  ax.grid(alpha=0.3)
+  ax_rho.axhline(0, color="black", lw=0.8)
+  ax_rho.set_xlabel("step")
+  ax_rho.set_ylabel("Spearman ρ(RM, gold) on the samples")
+  ax_rho.legend(fontsize=7)
+  ax_rho.grid(alpha=0.3)
+  fig.suptitle("Over-optimisation: PPO with and without the KL penalty")
+  fig.tight_layout()
+  fig.savefig(os.path.join(run_dir, fname), dpi=110)
+  plt.close(fig)
+  return fname
+
+
 def _fmt(v, digits=3):
   if v is None:
     return "–"
@@ -158,11 +199,12 @@ def write(run_dir: str) -> str:
   if compare and compare.get("policies"):
     lines += ["## Results on held-out prompts", "",
               f"{compare.get('num_prompts', '?')} prompts from plays never seen in training.", "",
-              "| model | gold score (mean ± s.e.) | KL to SFT | distinct-2 | ends its turn |",
-              "|---|---|---|---|---|"]
+              "| model | gold score (mean ± s.e.) | RM score (proxy) | KL to SFT | distinct-2 | "
+              "ends its turn |",
+              "|---|---|---|---|---|---|"]
     for name, p in compare["policies"].items():
       lines.append(f"| {name} | {_fmt(p.get('gold_mean'))} ± {_fmt(p.get('gold_se'))} | "
-                   f"{_fmt(p.get('kl_to_sft'))} | "
+                   f"{_fmt(p.get('proxy_mean'), 2)} | {_fmt(p.get('kl_to_sft'))} | "
                    f"{_fmt(p.get('distinct_2'))} | {_fmt(p.get('eos_fraction'), 2)} |")
     lines.append("")
     bar = _bar(run_dir, compare, "gold_by_stage.png")
@@ -189,13 +231,22 @@ def write(run_dir: str) -> str:
       lines += [f"| {k} | {_fmt(v)} |" for k, v in rm_eval.items()
                 if isinstance(v, (int, float))]
       lines.append("")
-  rl_stages = [s for s in ("ppo", "grpo") if s in stages]
+  rl_stages = [s for s in RL_STAGES if s in stages]
   rl = _plot_curves(run_dir, rl_stages,
                     lambda s: ["rl/score", "rl/gold_score", "rl/kl"], "RL curves", "rl.png")
   if rl:
     lines += ["## Reinforcement learning", "",
               "`rl/score` is the RM's (proxy) score, `rl/gold_score` the labeler's, `rl/kl` the KL "
               "to the SFT reference.", "", f"![rl]({rl})", ""]
+  over = _overopt(run_dir, "overopt.png")
+  if over:
+    lines += ["## Over-optimisation (PPO with β = 0)", "",
+              "`ppo_beta0` is the PPO stage with its KL penalty removed. Left: the RM (proxy) and "
+              "the gold score of each iteration's samples, against the KL to SFT. Right: how well "
+              "the RM still ranks the policy's own samples as the gold does (Spearman ρ over "
+              "each iteration's samples). The RM was fitted on SFT replies; a falling ρ means it "
+              "no longer tells the policy's better replies from its worse ones.", "",
+              f"![over-optimisation]({over})", ""]
 
   sft_eval = _load_json(os.path.join(run_dir, "sft", "eval.json"))
   if sft_eval:
@@ -212,7 +263,7 @@ def write(run_dir: str) -> str:
 
   lines += ["## Timings", "", "| stage | wall (s) | compile (s) | steps | tokens/s | MFU |",
             "|---|---|---|---|---|---|"]
-  for s in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo", "compare"):
+  for s in ("tokenizer", "pretrain", "sft", "rm_data", "reward", *TRAIN_STAGES[3:], "compare"):
     done = _load_json(os.path.join(run_dir, s, "done.json"))
     if not done:
       continue

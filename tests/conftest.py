@@ -107,7 +107,7 @@ def micro_run(tmp_path_factory):
 PIPELINE_MICRO = os.path.join(REPO, "experiments", "shakespeare_assistant.py") + ":micro"
 # Every branch, so the notebooks executed afterwards find all stages complete.
 PIPELINE_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
-                   "compare", "report")
+                   "ppo_beta0", "compare", "report")
 
 
 def pipeline_cmd(run_dir: str, stages=PIPELINE_STAGES) -> list[str]:

@@ -49,3 +49,21 @@ def test_flops_per_token_counts_the_lm_head_only_when_asked():
   assert with_head - without == pytest.approx(6 * 64 * (1000 - 1))
   # 2 layers x (4 d^2 attention + 8 d^2 MLP) + head, times 6, plus 12 L T D attention.
   assert with_head == pytest.approx(6 * (2 * 12 * 64 * 64 + 64 * 1000) + 12 * 2 * 32 * 64)
+
+
+def test_rank_correlation_matches_a_hand_computation_with_ties():
+  # Spearman is the Pearson correlation of the ranks; tied values share their mean rank.
+  x, y = [0.1, 0.5, 0.5, 0.9], [2.0, 1.0, 3.0, 7.0]
+  rx, ry = [1, 2.5, 2.5, 4], [2, 1, 3, 4]
+  mx, my = sum(rx) / 4, sum(ry) / 4
+  cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+  var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+  assert metrics.rank_correlation(x, y) == pytest.approx(cov / var, abs=1e-12)
+  assert metrics.rank_correlation(x, [-v for v in x]) == pytest.approx(-1.0)
+
+
+def test_rank_correlation_is_undefined_for_constant_or_tiny_input():
+  assert metrics.rank_correlation([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]) is None   # collapsed policy
+  assert metrics.rank_correlation([0.1, 0.2], [0.3, 0.1]) is None
+  with pytest.raises(ValueError, match="shapes"):
+    metrics.rank_correlation([0.1, 0.2, 0.3], [0.1, 0.2])

@@ -22,14 +22,22 @@ def _last(path, key):
 def test_pipeline_produces_every_stage_and_the_report_card(micro_pipeline):
   run = micro_pipeline
   for stage in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
-                "compare"):
+                "ppo_beta0", "compare"):
     assert os.path.exists(os.path.join(run, stage, "done.json")), stage
   cmp = json.load(open(os.path.join(run, "compare.json")))
-  assert set(cmp["policies"]) >= {"base", "sft", "best-of-16", "ppo", "grpo", "dpo"}
+  assert set(cmp["policies"]) == {"base", "sft", "best-of-16", "ppo", "grpo", "dpo", "ppo_beta0"}
   assert cmp["policies"]["sft"]["kl_to_sft"] == 0.0
+  # Every row carries the RM's (proxy) score beside the gold; best-of-16 picks the RM's favourite
+  # of 16 SFT replies, so its proxy beats a single SFT reply's on the same prompts.
+  for name, p in cmp["policies"].items():
+    assert isinstance(p["proxy_mean"], float), name
+  assert cmp["policies"]["best-of-16"]["proxy_mean"] > cmp["policies"]["sft"]["proxy_mean"]
   assert cmp["samples"] and set(cmp["samples"][0]["replies"]) >= {"base", "sft", "ppo"}
+  # The over-optimisation stage is PPO without the KL penalty, and logs the gold beside the proxy.
+  beta0 = [json.loads(l) for l in open(os.path.join(run, "ppo_beta0", "rl_iterations.jsonl"))]
+  assert beta0 and all(r["rl/beta"] == 0.0 and "rl/gold_score" in r for r in beta0)
   report = open(os.path.join(run, "report.md")).read()
-  for png in ("losses.png", "gold_by_stage.png", "best_of_n.png", "rl.png"):
+  for png in ("losses.png", "gold_by_stage.png", "best_of_n.png", "rl.png", "overopt.png"):
     assert f"({png})" in report, png
     with open(os.path.join(run, png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png

@@ -47,6 +47,20 @@ class _State:
   params: object
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rollout_logs_how_the_proxy_ranks_against_the_gold(sign):
+  # The proxy is the fraction of 'e's; a gold that agrees with it (or reverses it) must give a
+  # rank agreement of exactly +1 (or -1) on the iteration's samples, whatever their ties.
+  model, params = _params(dataclasses.replace(CFG, scalar_head=True))
+  src = _source(model, params, "ppo", prompts_per_iteration=16)
+  proxy = rollout.make_reward_fn("char_fraction:e")
+  src.gold_fn = lambda prompts, texts: sign * proxy(prompts, texts)
+  src.next(_State(params))
+  m = src.pop_metrics()
+  assert m["rl/gold_score"] == pytest.approx(sign * m["rl/score"], abs=1e-6)
+  assert m["rl/proxy_gold_spearman"] == pytest.approx(sign, abs=1e-9)
+
+
 def test_ppo_identical_params_ratio_one_kl_zero():
   model, params = _params(dataclasses.replace(CFG, scalar_head=True))
   src = _source(model, params, "ppo")

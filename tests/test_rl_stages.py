@@ -84,6 +84,11 @@ def test_grpo_raises_reward_and_writes_eval(tmp_path):
   for k in ("gold_mean", "gold_se", "kl_to_ref", "distinct_2", "samples"):
     assert k in ev
   assert ev["n"] == 8 and ev["kl_to_ref"] > 0
+  # The held-out replies are scored by the run's own reward too (the proxy beside the gold).
+  replies = [json.loads(l)["reply"] for l in open(tmp_path / "eval_samples.jsonl")]
+  assert len(replies) == 8
+  expect = [r.count("e") / max(len(r), 1) for r in replies]
+  assert ev["proxy_mean"] == pytest.approx(float(np.mean(expect)), abs=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["dpo"])

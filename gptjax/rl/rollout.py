@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib
+from gptjax import metrics as metrics_lib
 from gptjax import sampling
 from gptjax import sharding as shd
 from gptjax.losses.common import token_logprobs
@@ -463,7 +464,14 @@ class RolloutSource:
         "rl/iteration": float(iteration),
     })
     if self.gold_fn is not None:
-      metrics["rl/gold_score"] = float(np.mean(self.gold_fn(prompt_texts, texts)))
+      gold = self.gold_fn(prompt_texts, texts)
+      metrics["rl/gold_score"] = float(np.mean(gold))
+      # Whether the proxy still ranks the policy's own replies as the gold does. The RM was
+      # fitted on SFT replies; as the policy moves away from them the RM extrapolates, and this
+      # agreement falls before the mean scores need part (the over-optimisation diagnostic).
+      rho = metrics_lib.rank_correlation(raw, gold)
+      if rho is not None:
+        metrics["rl/proxy_gold_spearman"] = rho
     self.controller.update(mean_kl, len(kl_seq))
     jax.block_until_ready(batch)
     dt = time.perf_counter() - t0

@@ -51,6 +51,7 @@ from gptjax import batches as batches_lib
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import labeler
+from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import rm_data
 from gptjax import sharding as shd
@@ -411,7 +412,6 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
 def held_out_report(recs: list[dict], flat_scores: np.ndarray) -> dict:
   """Pairwise accuracy vs the noisy ranks and (with gold scores) vs the noiseless labeler, and
   the Spearman correlation of reward with gold."""
-  from scipy import stats
   noisy = noisy_n = clean = clean_n = 0
   at, golds, rewards = 0, [], []
   for r in recs:
@@ -430,10 +430,9 @@ def held_out_report(recs: list[dict], flat_scores: np.ndarray) -> dict:
       rewards += [float(x) for x in s]
   out = {"accuracy_noisy": noisy / max(noisy_n, 1), "pairs_noisy": noisy_n,
          "accuracy_noiseless": clean / clean_n if clean_n else None,
-         "pairs_noiseless": clean_n, "spearman_gold": None,
+         "pairs_noiseless": clean_n,
+         "spearman_gold": metrics_lib.rank_correlation(rewards, golds) if golds else None,
          "held_out_reward_mean": float(np.mean(flat_scores))}
-  if len(golds) > 2 and np.std(golds) > 0 and np.std(rewards) > 0:
-    out["spearman_gold"] = float(stats.spearmanr(rewards, golds).statistic)
   return out
 
 

@@ -299,7 +299,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
     evaluate_policy((pol, pp, tok), prompts=prompt_messages(cfg, cfg.rl.eval_split),
                     reference=(GPT(pol.cfg), ref_params), max_new_tokens=cfg.rl.max_new_tokens,
                     temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len,
-                    seed=cfg.seed, out_dir=workdir, label=cfg.loss.name)
+                    seed=cfg.seed, out_dir=workdir, label=cfg.loss.name, scorer=source.scorer)
   return res
 
 
@@ -348,9 +348,12 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   KL estimate E[Σ_t log π − log π_ref] over the policy's own samples at `temperature`.
   best_of > 1 draws that many replies per prompt and keeps the one `scorer` (e.g. the RM's
   RewardScorer via rollout.TokenScorer) likes best; its KL to the sampler is the analytic log n − (n−1)/n.
+  With a scorer, the kept replies' mean score is reported too (`proxy_mean`: the RM's view beside
+  the gold's, which is how over-optimisation shows).
   With several processes and networks whole on each, every process samples its share of the
   prompt batches (a scorer follows if it is a TextScorer or has `with_params`, as TokenScorer does).
-  Returns {gold_mean, gold_se, kl_to_ref, distinct_2, eos_fraction, n, ...} and, with out_dir,
+  Returns {gold_mean, gold_se, kl_to_ref, distinct_2, eos_fraction, n, [proxy_mean, proxy_se,]
+  ...} and, with out_dir,
   writes <out_dir>/eval.json (the metrics and `num_samples` samples) and eval_samples.jsonl (all).
   """
   from gptjax import labeler
@@ -377,11 +380,14 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
     pick = np.arange(len(rows))
     kl = np.zeros(len(rows), np.float32)
-    if best_of > 1:
+    s = np.zeros(len(rows), np.float32)
+    if scorer_b is not None:
       outs = [tok.decode([t for t, m in zip(r, mr) if m > 0 and t not in eos])
               for r, mr in zip(comp, mask)]
-      s = scorer_b(tokens=out.tokens, total_lengths=out.total_lengths,
-                   prompt_texts=[texts[i] for i in rows], completion_texts=outs)
+      s = np.asarray(scorer_b(tokens=out.tokens, total_lengths=out.total_lengths,
+                              prompt_texts=[texts[i] for i in rows], completion_texts=outs),
+                     np.float32)
+    if best_of > 1:
       pick = np.arange(0, len(rows), best_of) + np.argmax(s.reshape(-1, best_of), axis=1)
       kl = np.zeros(len(pick), np.float32)          # analytic for best-of-n: set below
     elif ref_params is not None:
@@ -391,7 +397,8 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     pad = batch_size - len(pick)
     return {"comp": np.pad(comp[pick], ((0, pad), (0, 0))),
             "mask": np.pad(mask[pick], ((0, pad), (0, 0))),
-            "kl": np.pad(kl, (0, pad)), "n": np.int32(len(pick))}
+            "kl": np.pad(kl, (0, pad)), "proxy": np.pad(s[pick], (0, pad)),
+            "n": np.int32(len(pick))}
 
   # A scorer can follow a split over processes if it computes in Python (TextScorer) or can be
   # handed this process's copy of its network (TokenScorer.with_params); any other runs every
@@ -402,13 +409,14 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   batches = shd.map_batches(
       one_batch, len(starts), (params, ref[1] if ref is not None else None, scorer_params),
       splittable=movable)
-  replies, kls, has_eos = [], [], []
+  replies, kls, has_eos, proxy = [], [], [], []
   for r in batches:
     comp, mask = r["comp"][:r["n"]], r["mask"][:r["n"]]
     replies += [tok.decode([t for t, m in zip(row, mrow) if m > 0 and t not in eos])
                 for row, mrow in zip(comp, mask)]
     has_eos += list(np.any(np.isin(comp, eos) & (mask > 0), axis=1))
     kls += list(r["kl"][:r["n"]])
+    proxy += list(r["proxy"][:r["n"]])
   if best_of > 1:
     # Best-of-n's KL to its sampler is the analytic log n − (n−1)/n per prompt (see above).
     kls = [np.log(best_of) - (best_of - 1) / best_of] * len(replies)
@@ -425,6 +433,10 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
       "mean_length": float(np.mean([len(r) for r in replies])),
       "best_of": best_of, "temperature": temperature, "max_new_tokens": max_new_tokens,
   }
+  if scorer is not None:
+    proxy = np.asarray(proxy, np.float64)
+    res["proxy_mean"] = float(proxy.mean())
+    res["proxy_se"] = float(proxy.std(ddof=1) / np.sqrt(len(proxy))) if len(proxy) > 1 else 0.0
   samples = [{"prompt": p, "reply": r, "gold": float(g)}
              for p, r, g in zip(texts, replies, gold)]
   if out_dir and jax.process_index() == 0:
