@@ -49,7 +49,7 @@ def get_config(arg=None):
     # Data, not steps or regularisation, limits this RM's rank correlation with gold: 4096
     # prompts give Spearman ~0.52, 16,384 prompts ~0.61 (the 0.6 target), and dropout, weight
     # decay, lr, centring and ties move it only within the noise (benchmarks/RESULTS.md). Four
-    # times the data costs ~5 more minutes of the pipeline, inside its 15-minute budget.
+    # times the data costs ~6 more minutes of the pipeline, inside its 15-minute budget.
     c.rm_data.train_prompts = 16384
     c.train.update(steps=1600, batch_size=16, log_every=20, eval_every=400, eval_batches=0,
                    checkpoint_every=400)

@@ -133,44 +133,47 @@ def _bon(run_dir, compare, fname):
   return fname
 
 
-def _overopt(run_dir, fname):
-  """Proxy and gold against the KL to SFT, and their rank agreement, for PPO with and without β."""
-  runs = {s: _load_jsonl(os.path.join(run_dir, s, "metrics.jsonl")) for s in ("ppo", "ppo_beta0")}
-  runs = {s: [r for r in rows if "rl/gold_score" in r and "rl/kl" in r]
-          for s, rows in runs.items()}
-  if not runs["ppo_beta0"]:
-    return None
-  fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(10, 3.6))
+def overopt_plot(path: str, runs: dict) -> bool:
+  """Proxy and gold, and their rank agreement, per iteration of RL runs.
+
+  runs: {label: workdir} of PPO/GRPO runs that logged rl/gold_score. Writes the PNG at `path`
+  and returns True, or False if none of them logged the gold. The report card draws the
+  pipeline's PPO and ppo_beta0 stages; pass other runs (another RM, another β) to set them beside.
+  """
+  series = {label: [r for r in _load_jsonl(os.path.join(d, "metrics.jsonl"))
+                    if "rl/gold_score" in r and "rl/kl" in r] for label, d in runs.items()}
+  series = {label: rows for label, rows in series.items() if rows}
+  if not series:
+    return False
+  fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(10, 3.8))
   ax_gold = ax.twinx()
-  colours = {"ppo": "#4c72b0", "ppo_beta0": "#c44e52"}
-  for s, rows in runs.items():
-    if not rows:
-      continue
-    kl = [r["rl/kl"] for r in rows]
-    ax.plot(kl, [r["rl/score"] for r in rows], color=colours[s], label=f"{s}: RM (proxy)")
-    ax_gold.plot(kl, [r["rl/gold_score"] for r in rows], color=colours[s], ls="--",
-                 label=f"{s}: gold")
+  for i, (label, rows) in enumerate(series.items()):
+    colour = f"C{i}"
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["rl/score"] for r in rows], color=colour, label=f"{label}: RM (proxy)")
+    ax_gold.plot(steps, [r["rl/gold_score"] for r in rows], color=colour, ls="--",
+                 label=f"{label}: gold")
     rho = [(r["step"], r["rl/proxy_gold_spearman"]) for r in rows
            if "rl/proxy_gold_spearman" in r]
     if rho:
-      ax_rho.plot(*zip(*rho), color=colours[s], label=s)
-  ax.set_xlabel("KL to SFT (nats, this iteration's samples)")
+      ax_rho.plot(*zip(*rho), color=colour, label=label)
+  ax.set_xlabel("step")
   ax.set_ylabel("RM score (solid)")
   ax_gold.set_ylabel("gold VADER score (dashed)")
-  handles = ax.get_legend_handles_labels()
-  handles_g = ax_gold.get_legend_handles_labels()
-  ax.legend(handles[0] + handles_g[0], handles[1] + handles_g[1], fontsize=7, loc="upper left")
+  handles, labels = ax.get_legend_handles_labels()
+  handles_g, labels_g = ax_gold.get_legend_handles_labels()
+  ax.legend(handles + handles_g, labels + labels_g, fontsize=6, loc="upper left")
   ax.grid(alpha=0.3)
   ax_rho.axhline(0, color="black", lw=0.8)
   ax_rho.set_xlabel("step")
   ax_rho.set_ylabel("Spearman ρ(RM, gold) on the samples")
-  ax_rho.legend(fontsize=7)
+  ax_rho.legend(fontsize=6)
   ax_rho.grid(alpha=0.3)
-  fig.suptitle("Over-optimisation: PPO with and without the KL penalty")
+  fig.suptitle("Over-optimisation: the proxy against the gold")
   fig.tight_layout()
-  fig.savefig(os.path.join(run_dir, fname), dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
-  return fname
+  return True
 
 
 def _fmt(v, digits=3):
@@ -238,11 +241,14 @@ def write(run_dir: str) -> str:
     lines += ["## Reinforcement learning", "",
               "`rl/score` is the RM's (proxy) score, `rl/gold_score` the labeler's, `rl/kl` the KL "
               "to the SFT reference.", "", f"![rl]({rl})", ""]
-  over = _overopt(run_dir, "overopt.png")
+  over = "overopt.png" if "ppo_beta0" in stages and overopt_plot(
+      os.path.join(run_dir, "overopt.png"),
+      {s: os.path.join(run_dir, s) for s in ("ppo", "ppo_beta0") if s in stages}) else None
   if over:
     lines += ["## Over-optimisation (PPO with β = 0)", "",
               "`ppo_beta0` is the PPO stage with its KL penalty removed. Left: the RM (proxy) and "
-              "the gold score of each iteration's samples, against the KL to SFT. Right: how well "
+              "the gold score of each iteration's samples (the KL to SFT is in the RL curves "
+              "above). Right: how well "
               "the RM still ranks the policy's own samples as the gold does (Spearman ρ over "
               "each iteration's samples). The RM was fitted on SFT replies; a falling ρ means it "
               "no longer tells the policy's better replies from its worse ones.", "",
