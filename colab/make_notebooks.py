@@ -111,17 +111,20 @@ print(scorer([prompt, prompt], [tok.encode(r) for r in replies]))''']),
     "04_rlhf": notebook(
         "04 · RLHF: PPO, GRPO and DPO",
         "PPO optimises the SFT policy against the reward model with a KL penalty to SFT. GRPO and "
-        "DPO are the same loop with another loss and batch type. The comparison step scores every "
-        "stage on the same held-out prompts with the gold labeler.",
+        "DPO are the same loop with another loss and batch type. `ppo_beta0` is PPO without the "
+        "KL penalty, to watch the policy over-optimise the reward model. The comparison step "
+        "scores every stage on the same held-out prompts with the gold labeler and the RM.",
         ['cfg = run_stages("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo", '
-         '"compare", "report")',
+         '"ppo_beta0", "compare", "report")',
          'curves("ppo", ["rl/score", "rl/gold_score", "rl/kl"])',
          'curves("grpo", ["rl/score", "rl/gold_score", "rl/kl"])',
          'curves("dpo", ["train/loss", "dpo/accuracy"])',
+         '# The proxy (RM) and the gold without the KL penalty, and how the RM ranks the samples.\n'
+         'curves("ppo_beta0", ["rl/score", "rl/gold_score", "rl/proxy_gold_spearman"])',
          '''cmp = json.load(open(os.path.join(RUN, "compare.json")))
 for name, p in cmp["policies"].items():
-    print(f"{name:12s} gold {p['gold_mean']:+.3f} ± {p['gold_se']:.3f}   KL to SFT {p['kl_to_sft']}"
-          f"   distinct-2 {p['distinct_2']:.3f}")''',
+    print(f"{name:12s} gold {p['gold_mean']:+.3f} ± {p['gold_se']:.3f}   RM {p['proxy_mean']:+.2f}"
+          f"   KL to SFT {p['kl_to_sft']}   distinct-2 {p['distinct_2']:.3f}")''',
          '''from IPython.display import Markdown, display
 display(Markdown(open(os.path.join(RUN, "report.md")).read()))''']),
     "05_using_the_model": notebook(

@@ -167,7 +167,8 @@ def overopt_plot(path: str, runs: dict) -> bool:
   ax_rho.axhline(0, color="black", lw=0.8)
   ax_rho.set_xlabel("step")
   ax_rho.set_ylabel("Spearman ρ(RM, gold) on the samples")
-  ax_rho.legend(fontsize=6)
+  if any(not line.get_label().startswith("_") for line in ax_rho.lines):
+    ax_rho.legend(fontsize=6)       # none when no iteration had a defined ρ
   ax_rho.grid(alpha=0.3)
   fig.suptitle("Over-optimisation: the proxy against the gold")
   fig.tight_layout()
