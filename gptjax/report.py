@@ -133,7 +133,8 @@ def _bon(run_dir, compare, fname):
   return fname
 
 
-def overopt_plot(path: str, runs: dict) -> bool:
+def overopt_plot(path: str, runs: dict,
+                 title: str = "Over-optimisation: the proxy against the gold") -> bool:
   """Proxy and gold, and their rank agreement, per iteration of RL runs.
 
   runs: {label: workdir} of PPO/GRPO runs that logged rl/gold_score. Writes the PNG at `path`
@@ -145,7 +146,8 @@ def overopt_plot(path: str, runs: dict) -> bool:
   series = {label: rows for label, rows in series.items() if rows}
   if not series:
     return False
-  fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(10, 3.8))
+  # Legends go under the panels: inside, they hid the curves once four runs were drawn.
+  fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.25 * len(series)))
   ax_gold = ax.twinx()
   for i, (label, rows) in enumerate(series.items()):
     colour = f"C{i}"
@@ -162,15 +164,17 @@ def overopt_plot(path: str, runs: dict) -> bool:
   ax_gold.set_ylabel("gold VADER score (dashed)")
   handles, labels = ax.get_legend_handles_labels()
   handles_g, labels_g = ax_gold.get_legend_handles_labels()
-  ax.legend(handles + handles_g, labels + labels_g, fontsize=6, loc="upper left")
+  ax.legend(handles + handles_g, labels + labels_g, fontsize=7, loc="upper center",
+            bbox_to_anchor=(0.5, -0.16), ncol=2)
   ax.grid(alpha=0.3)
   ax_rho.axhline(0, color="black", lw=0.8)
   ax_rho.set_xlabel("step")
   ax_rho.set_ylabel("Spearman ρ(RM, gold) on the samples")
   if any(not line.get_label().startswith("_") for line in ax_rho.lines):
-    ax_rho.legend(fontsize=6)       # none when no iteration had a defined ρ
+    ax_rho.legend(fontsize=7, loc="upper center",  # none when no iteration had a defined ρ
+                  bbox_to_anchor=(0.5, -0.16))
   ax_rho.grid(alpha=0.3)
-  fig.suptitle("Over-optimisation: the proxy against the gold")
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
