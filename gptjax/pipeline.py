@@ -28,7 +28,9 @@ from gptjax import config as config_lib
 
 ALL_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
               "ppo_beta0", "compare", "report")
-# The policies the comparison evaluates beside base, SFT and best-of-16, when they ran.
+# The online RL stages (they read the RM and log rl/* per iteration), and the policies the
+# comparison evaluates beside base, SFT and best-of-16 when they ran.
+RL_STAGES = ("ppo", "grpo", "ppo_beta0")
 COMPARED = ("ppo", "grpo", "dpo", "ppo_beta0")
 DONE_FILE = "done.json"
 
@@ -160,7 +162,7 @@ def _link(c, name, run_dir):
     # The reward stage finds the rm_data step's files through the same manifest, so it reuses
     # them instead of sampling again.
     _set(c, "rm_data.out_dir", stage_dir(run_dir, "rm_data"))
-  if name in ("ppo", "grpo", "ppo_beta0"):
+  if name in RL_STAGES:
     _set(c, "rl.reference_workdir", stage_dir(run_dir, "sft"))
     _set(c, "rl.reward_workdir", stage_dir(run_dir, "reward"))
   if name == "dpo":

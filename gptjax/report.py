@@ -17,8 +17,11 @@ import matplotlib
 matplotlib.use("Agg")       # headless: no display on CI machines or TPU VMs
 import matplotlib.pyplot as plt  # noqa: E402
 
-TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "ppo_beta0")
-RL_STAGES = ("ppo", "grpo", "ppo_beta0")
+from gptjax import pipeline  # noqa: E402
+
+# The stages that train (and so log metrics.jsonl), in the pipeline's order.
+TRAIN_STAGES = tuple(s for s in pipeline.ALL_STAGES
+                     if s not in ("tokenizer", "rm_data", "compare", "report"))
 
 
 def _load_jsonl(path):
@@ -239,7 +242,7 @@ def write(run_dir: str) -> str:
       lines += [f"| {k} | {_fmt(v)} |" for k, v in rm_eval.items()
                 if isinstance(v, (int, float))]
       lines.append("")
-  rl_stages = [s for s in RL_STAGES if s in stages]
+  rl_stages = [s for s in pipeline.RL_STAGES if s in stages]
   rl = _plot_curves(run_dir, rl_stages,
                     lambda s: ["rl/score", "rl/gold_score", "rl/kl"], "RL curves", "rl.png")
   if rl:
@@ -274,7 +277,7 @@ def write(run_dir: str) -> str:
 
   lines += ["## Timings", "", "| stage | wall (s) | compile (s) | steps | tokens/s | MFU |",
             "|---|---|---|---|---|---|"]
-  for s in ("tokenizer", "pretrain", "sft", "rm_data", "reward", *TRAIN_STAGES[3:], "compare"):
+  for s in (s for s in pipeline.ALL_STAGES if s != "report"):
     done = _load_json(os.path.join(run_dir, s, "done.json"))
     if not done:
       continue
