@@ -7,10 +7,14 @@ setup(
     packages=find_packages(include=["gptjax", "gptjax.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10.0,<0.11",
-        "flax>=0.12.0,<0.13",
-        "optax>=0.2.5,<0.3",
-        "orbax-checkpoint>=0.12.0,<0.13",
+        # Floors only, equal to gptjax/versions.py FLOORS: an accelerator image's newer jax is kept
+        # (a cap would downgrade it out of step with its libtpu or CUDA plugin); importing gptjax
+        # warns once when one of these is newer than the newest release tested (versions.TESTED).
+        "jax>=0.10.0",
+        "flax>=0.12.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12.0",
+        "packaging>=23",
         "sentencepiece>=0.2.0,<0.3",
         "tensorflow-datasets>=4.9.9,<5",
         "array_record>=0.8.0,<0.9",
@@ -25,6 +29,10 @@ setup(
         "scipy>=1.11,<2",
     ],
     extras_require={
+        # The jax build for the accelerator, for machines that do not come with one (a TPU VM,
+        # a GPU box). Colab's runtimes already hold a matched jax: install plain `-e .` there.
+        "tpu": ["jax[tpu]>=0.10.0"],
+        "cuda": ["jax[cuda12]>=0.10.0"],
         "test": ["pytest>=8,<10", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     },
     entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},

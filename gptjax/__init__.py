@@ -8,3 +8,7 @@ Shape names, used in comments and docstrings across the codebase:
 """
 
 __version__ = "0.1.0"
+
+from gptjax import versions as _versions
+
+_versions.warn_if_untested()
