@@ -33,7 +33,9 @@ setup(
         # a GPU box). Colab's runtimes already hold a matched jax: install plain `-e .` there.
         "tpu": ["jax[tpu]>=0.10.0"],
         "cuda": ["jax[cuda12]>=0.10.0"],
-        "test": ["pytest>=8,<10", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+        # `gptjax eval` and the lm-eval adapter (gptjax/lm_harness.py).
+        "eval": ["lm-eval>=0.4.13,<0.5"],
+        "test": ["lm-eval>=0.4.13,<0.5", "pytest>=8,<10", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     },
     entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},
 )

@@ -5,6 +5,7 @@
   gptjax pipeline  --config experiments/shakespeare_assistant.py:tiny --workdir DIR
   gptjax sample    --workdir DIR --prompt "..."        gptjax chat --workdir DIR
   gptjax tokenizer train --source shakespeare --vocab_size 512 --out DIR
+  gptjax eval      --workdir DIR --tasks hellaswag,arc_easy [--limit N]     (needs lm-eval)
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def main(argv=None) -> int:
     commands["pipeline"] = pipeline.main
   except ImportError:
     pass
+  if argv and argv[0] == "eval":
+    # lm-eval is imported only for this command: it is slow to import and an optional extra.
+    try:
+      from gptjax import lm_harness
+    except ModuleNotFoundError as e:
+      print(f"gptjax eval: needs lm-eval ({e}); pip install -e '.[eval]'", file=sys.stderr)
+      return 2
+    commands["eval"] = lm_harness.eval_main
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__.strip())
     if argv and argv[0] not in ("-h", "--help"):
