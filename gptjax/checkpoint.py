@@ -99,24 +99,63 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
               target),
           partial_restore=True)))
   mngr.close()
-  return restored["state"]["params"]
+  params = restored["state"]["params"]
+  # With partial_restore, a leaf the checkpoint lacks comes back as its abstract placeholder;
+  # passing that on fails far away (inside jit) with a message about ShapeDtypeStructs.
+  missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+             if not isinstance(x, jax.Array)]
+  if missing:
+    shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+    raise ValueError(f"{directory}/{step}: the checkpoint has no parameter(s) {shown} "
+                     f"({len(missing)} missing); its layout differs from the model its "
+                     "config.json describes")
+  return params
+
+
+def policy_layout(cfg) -> str | None:
+  """The key the language model's parameters sit under in a workdir's checkpoint: None for a
+  plain GPT tree (pretrain, SFT, reward, DPO, PPO with a value head, GRPO), 'policy' for PPO
+  with `rl.value_model=critic`, whose params are {'policy': GPT, 'critic': GPT}."""
+  return "policy" if cfg.get("rl", {}).get("value_model") == "critic" else None
 
 
 def load_for_inference(workdir: str, step: int | None = None):
-  """(model, params, tokenizer, config) from a workdir, on the default device(s)."""
+  """(model, params, tokenizer, config) of the language model of any stage's workdir, on the
+  default device(s); of an actor-critic PPO run, the policy alone."""
   import flax.linen as nn
+  import jax.numpy as jnp
   from gptjax import config as config_lib
   from gptjax.data import tokenizers
   from gptjax.model import GPT
-  cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(not_a_workdir_message(workdir))
+  cfg = config_lib.from_json(cfg_path)
   mcfg = config_lib.model_config(cfg)
   model = GPT(mcfg)
-  import jax.numpy as jnp
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
       model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
-  params = restore_params(workdir, abstract, step)
+  key = policy_layout(cfg)
+  params = restore_params(workdir, {key: abstract} if key else abstract, step)
   tok = tokenizers.load_tokenizer(workdir)
-  return model, params, tok, cfg
+  return model, (params[key] if key else params), tok, cfg
+
+
+def not_a_workdir_message(workdir: str) -> str:
+  """Why `workdir` cannot be loaded, and what to pass instead when it is a pipeline run."""
+  configs = [os.path.join(workdir, d, "config.json")
+             for d in (os.listdir(workdir) if os.path.isdir(workdir) else [])]
+  # In the order they ran (a stage writes its config.json when it starts).
+  stages = [os.path.basename(os.path.dirname(c))
+            for c in sorted((c for c in configs if os.path.exists(c)), key=os.path.getmtime)]
+  if stages:
+    example = "ppo" if "ppo" in stages else stages[-1]
+    return (f"{workdir} is a pipeline run, not a stage's workdir; its stages are: "
+            f"{', '.join(stages)}. Pass one of them, e.g. --workdir "
+            f"{os.path.join(workdir, example)}")
+  if not os.path.isdir(workdir):
+    return f"{workdir}: no such directory"
+  return f"{workdir} has no config.json; expected a training workdir (config.json, checkpoints)"
 
 
 def _paths(tree):

@@ -24,7 +24,9 @@ def _add_controls(p: argparse.ArgumentParser, *, temperature: float, max_new_tok
   p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
   p.add_argument("--min_p", type=float, default=0.0, help="0 = off")
   p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
-  p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+  p.add_argument("--max_new_tokens", type=int, default=None,
+                 help=f"default {max_new_tokens}, or what fits the model's window; a value that "
+                 "does not fit is an error")
   p.add_argument("--seed", type=int, default=0)
 
 
@@ -33,23 +35,58 @@ def _controls(args) -> dict:
               repetition_penalty=args.repetition_penalty)
 
 
+class UsageError(Exception):
+  """Bad input to `sample`/`chat`: reported as one line and exit status 2."""
+
+
 def _load(workdir: str, step):
   from gptjax import checkpoint
-  return checkpoint.load_for_inference(workdir, step)
+  try:
+    return checkpoint.load_for_inference(workdir, step)
+  except FileNotFoundError as e:
+    # A pipeline run's directory instead of one of its stages', or a path with no run at all.
+    raise UsageError(f"--workdir: {e}") from None
 
 
-def _fit_new_tokens(model, prompt_len: int, requested: int) -> int:
-  """Learned positions cap prompt + completion at max_len; shorten the completion to fit."""
+def _fit_new_tokens(model, prompt_len: int, requested: int | None, default: int) -> int:
+  """Learned positions cap prompt + completion at max_len. Without --max_new_tokens the
+  completion fills what is left (up to `default`); an explicit value that does not fit is an
+  error, never a silent cut."""
   cfg = model.cfg.resolved()
   if cfg.positional != "learned":
-    return requested
+    return default if requested is None else requested
   room = cfg.max_len - prompt_len
   if room <= 0:
-    raise SystemExit(f"gptjax: the prompt is {prompt_len} tokens; the model's window is "
-                     f"{cfg.max_len}")
-  return min(requested, room)
+    raise UsageError(f"--prompt: the prompt is {prompt_len} tokens; the model's window is "
+                     f"{cfg.max_len} tokens, so no room is left for a completion")
+  if requested is None:
+    return min(default, room)
+  if requested > room:
+    raise UsageError(f"--max_new_tokens: {requested} does not fit; the model's window is "
+                     f"{cfg.max_len} tokens and the prompt takes {prompt_len}, so at most "
+                     f"{room} new tokens")
+  return requested
 
 
+def _turn_end_ids(tok) -> tuple[int, ...]:
+  """EOS and, when the tokenizer has the chat template's tokens, `<|end|>`: a model trained on
+  conversations ends a reply with it, and streaming the raw marker would show its text."""
+  end = getattr(tok, "special_ids", {}).get("<|end|>")
+  return (tok.eos_id,) + ((end,) if end is not None else ())
+
+
+def _reports_usage_errors(fn):
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except UsageError as e:
+      print(f"gptjax {fn.__name__.removesuffix('_main')}: {e}", file=sys.stderr)
+      return 2
+  wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+  return wrapped
+
+
+@_reports_usage_errors
 def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write) -> int:
   p = argparse.ArgumentParser(prog="gptjax sample", description="Sample continuations of a prompt.")
   _add_controls(p, temperature=0.8, max_new_tokens=200)
@@ -72,10 +109,10 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
     eos = tuple(chat.reply_stop_ids(tok))
   else:
     ids = ([] if args.no_bos else [tok.bos_id]) + prompting.encode_with_specials(tok, args.prompt)
-    eos = (tok.eos_id,)
+    eos = _turn_end_ids(tok)
   if not ids:
-    raise SystemExit("gptjax sample: empty prompt; pass --prompt or drop --no_bos")
-  new = _fit_new_tokens(model, len(ids), args.max_new_tokens)
+    raise UsageError("--prompt: empty prompt; pass --prompt or drop --no_bos")
+  new = _fit_new_tokens(model, len(ids), args.max_new_tokens, 200)
   prompts = np.tile(np.asarray(ids, np.int32)[None], (args.num_samples, 1))
   lengths = np.full((args.num_samples,), len(ids), np.int32)
   stops = tuple(tuple(prompting.encode_with_specials(tok, s)) for s in args.stop if s)
@@ -85,13 +122,18 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   for i in range(args.num_samples):
     text = tok.decode([t for t in completion[i, :lengths[i]] if t not in eos])
     text = prompting.truncate_at_stop(text, args.stop)
-    write(f"--- sample {i + 1}/{args.num_samples}\n{args.prompt}{text}\n")
+    if args.chat:
+      # The prompt was a user turn and the text is the model's reply: two turns, not one text.
+      write(f"--- sample {i + 1}/{args.num_samples}\nuser> {args.prompt}\nmodel> {text}\n")
+    else:
+      write(f"--- sample {i + 1}/{args.num_samples}\n{args.prompt}{text}\n")
   return 0
 
 
 CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets a system message, /quit"
 
 
+@_reports_usage_errors
 def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
               write: Callable[[str], object] = None) -> int:
   """An interactive chat. Each reply is sampled token by token (`sampling.stream`) and printed as
@@ -113,6 +155,16 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
   model, params, tok, _ = _load(args.workdir, args.step)
   cfg = model.cfg.resolved()
   eos = tuple(chat.reply_stop_ids(tok))
+  new = args.max_new_tokens
+  if cfg.positional == "learned":
+    # Half the window by default, so a few turns of history fit beside the reply.
+    if new is None:
+      new = min(256, cfg.max_len // 2)
+    elif new >= cfg.max_len:
+      raise UsageError(f"--max_new_tokens: {new} does not fit; the model's window is "
+                       f"{cfg.max_len} tokens, which must also hold the conversation")
+  elif new is None:
+    new = 256
   system = [{"role": "system", "content": args.system}] if args.system else []
   history: list[dict] = []
   key = jax.random.key(args.seed)
@@ -131,21 +183,27 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
       return 0
     if text == "/reset":
       history = []
+      write("(conversation cleared" + ("; the system message is kept)\n" if system else ")\n"))
       continue
     if text.startswith("/system"):
       content = text[len("/system"):].strip()
       system = [{"role": "system", "content": content}] if content else []
+      write(f"(system message set: {content})\n" if content else "(system message cleared)\n")
       continue
     history.append({"role": "user", "content": line})
-    new = args.max_new_tokens
-    if cfg.positional == "learned":
-      new = min(new, cfg.max_len // 2)
+    dropped = 0
     while True:
       ids = chat.render_prompt(system + history, tok)
       if cfg.positional != "learned" or len(ids) + new <= cfg.max_len or len(history) <= 1:
         break
+      dropped += 1
       history = history[2:] if len(history) > 2 else history[1:]   # oldest exchange goes first
+    if dropped:
+      write(f"(the {dropped} oldest exchange(s) no longer fit the model's window of "
+            f"{cfg.max_len} tokens; dropped)\n")
     if cfg.positional == "learned" and len(ids) + new > cfg.max_len:
+      write(f"(the message is {len(ids)} tokens with the template; only its last "
+            f"{cfg.max_len - new} are read)\n")
       ids = ids[-(cfg.max_len - new):]                             # a single over-long message
     write("model> ")
     reply_ids: list[int] = []

@@ -372,3 +372,59 @@ def test_chat_cli_streams_replies_and_keeps_history(fake_workdir):
   # A reply is written piece by piece as tokens arrive.
   first_reply = out[out.index("model> ") + 1:]
   assert len(first_reply[:first_reply.index("\n")]) >= 1
+
+
+def test_sample_cli_stops_at_the_end_of_turn_marker_without_chat(fake_workdir, monkeypatch):
+  """A plain prompt is continued until EOS or `<|end|>`: a chat-tuned model ends its reply with
+  the marker, and the marker's text must not be streamed."""
+  from gptjax import generate_cli
+  seen = []
+  real = sampling.generate
+
+  def spy(*args, **kwargs):
+    seen.append(tuple(kwargs["eos_ids"]))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(sampling, "generate", spy)
+  out = []
+  assert generate_cli.sample_main(["--workdir", "unused", "--prompt", "abc",
+                                   "--max_new_tokens", "4"], write=out.append) == 0
+  tok = fake_workdir
+  assert set(seen[0]) == {tok.eos_id, tok.special_ids["<|end|>"]}
+  assert "<|end|>" not in out[0]
+
+
+def test_sample_cli_with_chat_separates_the_reply_from_the_prompt(fake_workdir):
+  from gptjax import generate_cli
+  out = []
+  assert generate_cli.sample_main(["--workdir", "unused", "--prompt", "abc", "--chat",
+                                   "--max_new_tokens", "5"], write=out.append) == 0
+  assert out[0].startswith("--- sample 1/1\nuser> abc\nmodel> "), out
+
+
+def test_max_new_tokens_beyond_the_window_is_an_error_and_the_default_fits(fake_workdir,
+                                                                            capsys):
+  from gptjax import generate_cli
+  out = []
+  # The fake model's window is 64 tokens; BOS + "abc" leave 60.
+  assert generate_cli.sample_main(["--workdir", "unused", "--prompt", "abc",
+                                   "--max_new_tokens", "61"], write=out.append) == 2
+  err = capsys.readouterr().err
+  assert err == ("gptjax sample: --max_new_tokens: 61 does not fit; the model's window is 64 "
+                 "tokens and the prompt takes 4, so at most 60 new tokens\n")
+  assert out == []
+  assert generate_cli.sample_main(["--workdir", "unused", "--prompt", "abc", "--temperature",
+                                   "0", "--max_new_tokens", "60"], write=out.append) == 0
+  assert generate_cli.chat_main(["--workdir", "unused", "--max_new_tokens", "64"],
+                                read_line=lambda _: "/quit", write=out.append) == 2
+  assert "--max_new_tokens: 64 does not fit" in capsys.readouterr().err
+
+
+def test_chat_cli_acknowledges_system_and_reset(fake_workdir):
+  from gptjax import generate_cli
+  inputs = iter(["/system be brief", "/reset", "/system", "/quit"])
+  out = []
+  assert generate_cli.chat_main(["--workdir", "unused"], read_line=lambda _: next(inputs),
+                                write=out.append) == 0
+  assert out[1:] == ["(system message set: be brief)\n",
+                     "(conversation cleared; the system message is kept)\n",
+                     "(system message cleared)\n"]
