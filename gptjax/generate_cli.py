@@ -1,7 +1,7 @@
 """`gptjax sample` and `gptjax chat`: sampling from a trained workdir on the command line.
 
     gptjax sample --workdir W --prompt "ROMEO:" --temperature 0.8 --top_k 40 --top_p 0.95 \
-        --min_p 0 --num_samples 3 --max_new_tokens 200 --seed 0
+        --min_p 0 --num_samples 3 --max_new_tokens 48 --seed 0
     gptjax chat --workdir W            # a REPL through the chat template; replies stream
 
 Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and call
