@@ -16,13 +16,43 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-INSTALL = '''# Install gptjax. In Colab, clone the repository first (or point GPTJAX_REPO at a checkout).
-import importlib.util, os, subprocess, sys
-REPO = os.path.abspath(os.environ.get("GPTJAX_REPO", ".." if os.path.exists("../setup.py") else "."))
-if importlib.util.find_spec("gptjax") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", REPO])
-if REPO not in sys.path:
+# Where the notebooks install gptjax from in Colab. A fork changes this one line (and the badge).
+REPO_URL = "https://github.com/gptjax/gptjax"
+
+INSTALL = f'''# Install gptjax: from the checkout this notebook sits in when there is one, else cloned from
+# REPO_URL (Colab). On a TPU runtime without libtpu, the `tpu` extra adds `jax[tpu]`; a runtime
+# whose jax already drives its accelerator keeps that jax. GPTJAX_REINSTALL=1 reinstalls.
+REPO_URL = "{REPO_URL}"
+import glob, importlib.util, os, subprocess, sys
+
+def local_checkout(start="."):
+    d = os.path.abspath(start)
+    for _ in range(3):
+        if os.path.exists(os.path.join(d, "setup.py")) and os.path.isdir(os.path.join(d, "gptjax")):
+            return d
+        d = os.path.dirname(d)
+    return None
+
+def on_tpu():
+    return bool(os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE")
+                or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+CLONE = os.path.abspath("gptjax")          # where Colab's copy goes (the notebook's folder)
+REPO = os.environ.get("GPTJAX_REPO") or local_checkout() or local_checkout(CLONE)
+if importlib.util.find_spec("gptjax") is None or os.environ.get("GPTJAX_REINSTALL") == "1":
+    if REPO is None:
+        subprocess.check_call(["git", "clone", "--depth", "1", REPO_URL, CLONE])
+        REPO = CLONE
+    extra = "[tpu]" if on_tpu() and importlib.util.find_spec("libtpu") is None else ""
+    command = [sys.executable, "-m", "pip", "install", "-q", "-e", REPO + extra]
+    print("installing:", " ".join(command[2:]))
+    subprocess.check_call(command)
+    importlib.invalidate_caches()
+if REPO and REPO not in sys.path:
     sys.path.insert(0, REPO)'''
+
+BADGE = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+         "(https://colab.research.google.com/github/{repo}/blob/main/colab/{name}.ipynb)")
 
 DETECT = '''# Which accelerator is here? The preset follows it: TPU, GPU, or the CPU-sized `tiny`.
 import jax
@@ -165,6 +195,11 @@ print(prompting.retrieval_prompt(bm25, "love and night", k=2)[:400])''']),
 
 def main():
   for name, nb in NOTEBOOKS.items():
+    badge = BADGE.format(repo=REPO_URL.removeprefix("https://github.com/"), name=name)
+    title, _, intro = nb.cells[0].source.partition("\n\n")
+    nb.cells[0].source = f"{title}\n\n{badge} · source: {REPO_URL}\n\n{intro}"
+    for i, cell in enumerate(nb.cells):
+      cell.id = f"cell-{i}"          # stable ids: regenerating changes only what changed
     nbformat.write(nb, os.path.join(HERE, f"{name}.ipynb"))
     print("wrote", name)
 

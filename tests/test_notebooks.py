@@ -31,3 +31,38 @@ def test_notebook_executes(name, micro_pipeline, monkeypatch):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors
+
+
+def _install_cell():
+  nb = nbformat.read(os.path.join(REPO, "colab", "01_pretrain.ipynb"), as_version=4)
+  return nb.cells[1].source
+
+
+@pytest.mark.parametrize("where", ["inside the checkout", "in Colab"])
+def test_install_cell_installs_from_the_checkout_or_clones_repo_url(where, tmp_path):
+  """The first cell, run as a fresh runtime would run it (GPTJAX_REINSTALL=1 stands for gptjax
+  not being installed), with pip in dry-run mode and offline, so nothing is installed or
+  downloaded. Inside a checkout it installs that checkout; elsewhere it clones REPO_URL (here
+  set to this checkout, which git clones without a network) and installs the clone; on a TPU
+  runtime without libtpu it asks for the `tpu` extra (jax[tpu])."""
+  import importlib.util
+  import subprocess
+  import sys
+  from conftest import child_env
+  source = _install_cell()
+  url_line = next(line for line in source.splitlines() if line.startswith("REPO_URL = "))
+  cwd = os.path.join(REPO, "colab") if where == "inside the checkout" else str(tmp_path)
+  script = source.replace(url_line, f"REPO_URL = {REPO!r}") + "\nprint('REPO=' + REPO)"
+  env = child_env(GPTJAX_REINSTALL=1, PIP_DRY_RUN=1, PIP_NO_INDEX=1, PIP_NO_DEPS=1,
+                  PIP_NO_BUILD_ISOLATION=0, TPU_ACCELERATOR_TYPE="v5litepod-8")
+  env.pop("GPTJAX_REPO", None)
+  env.pop("COLAB_TPU_ADDR", None)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  expected = REPO if where == "inside the checkout" else str(tmp_path / "gptjax")
+  assert f"REPO={expected}\n" in proc.stdout
+  extra = "[tpu]" if importlib.util.find_spec("libtpu") is None else ""
+  assert f"installing: pip install -q -e {expected}{extra}\n" in proc.stdout, proc.stdout
+  if where == "in Colab":
+    assert os.path.exists(tmp_path / "gptjax" / "setup.py")
