@@ -6,6 +6,7 @@
   gptjax sample    --workdir DIR --prompt "..."        gptjax chat --workdir DIR
   gptjax tokenizer train --source shakespeare --vocab_size 512 --out DIR
   gptjax eval      --workdir DIR --tasks hellaswag,arc_easy [--limit N]     (needs lm-eval)
+  gptjax import-hf --model HF_DIR --workdir DIR    gptjax export-hf --workdir DIR --out HF_DIR
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ def import_user_module(item: str):
     raise config_lib.ConfigError(f"--import: cannot import {item!r} ({e})") from None
 
 
+def _hf_command(name):
+  """import-hf / export-hf: a directory gptjax cannot read is one line on stderr, exit 2."""
+  def run(argv):
+    from gptjax import config as config_lib
+    from gptjax import hf
+    try:
+      return getattr(hf, name)(argv)
+    except config_lib.ConfigError as e:
+      print(f"gptjax: {e}", file=sys.stderr)
+      return 2
+  return run
+
+
 def _distributed(cfg):
   from gptjax import sharding
   sharding.init_distributed(cfg.distributed)
@@ -68,7 +82,8 @@ def main(argv=None) -> int:
   from gptjax import perf
   perf.retain_host_memory()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  commands = {"train": _train}
+  commands = {"train": _train, "import-hf": _hf_command("import_main"),
+              "export-hf": _hf_command("export_main")}
   try:
     from gptjax import generate_cli
     commands["sample"] = generate_cli.sample_main

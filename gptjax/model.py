@@ -64,7 +64,8 @@ class ModelConfig:
                                     # "": all local when sliding_window is set, else all global
   rope_local_theta: float | None = None  # Gemma 3: RoPE base of local layers (unscaled); None: same
   final_logit_softcap: float | None = None   # logits = cap * tanh(logits / cap)
-  scalar_head_bias: bool = True     # HF sequence-classification heads (`score`) have no bias
+  hf_family: str = ""               # the HF model_type it was imported from (export writes it
+                                    # back; no effect on the math)
   dtype: str = "float32"            # compute dtype; parameters stay float32
   param_dtype: str = "float32"
   remat: str = "none"               # none | full | dots (save matmul outputs, recompute the rest)
@@ -539,8 +540,7 @@ class GPT(nn.Module):
     values = None
     if cfg.scalar_head:
       d = cfg.d_model
-      values = nn.Dense(1, use_bias=cfg.scalar_head_bias, dtype=jnp.float32, param_dtype=pdt,
-                        name="scalar_head",
+      values = nn.Dense(1, dtype=jnp.float32, param_dtype=pdt, name="scalar_head",
                         kernel_init=_init(("embed", None), nn.initializers.normal((d + 1) ** -0.5)),
                         bias_init=_init((None,), nn.initializers.zeros))(
                             hidden.astype(jnp.float32))[..., 0]

@@ -247,7 +247,10 @@ def _head_logits(cfg, params, hidden):
   else:
     head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt)
     out = head.apply({"params": params["lm_head"]}, hidden)
-  return out.astype(jnp.float32)
+  out = out.astype(jnp.float32)
+  if cfg.final_logit_softcap:      # as GPT applies it (Gemma-style models)
+    out = cfg.final_logit_softcap * jnp.tanh(out / cfg.final_logit_softcap)
+  return out
 
 
 def _choose(state: DecodeState, rng, c: SamplingControls):

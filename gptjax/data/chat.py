@@ -67,8 +67,11 @@ def as_messages(prompt: str | Sequence[Mapping], *, where: str = "prompt") -> li
 
 def render(messages: Sequence[Mapping], tokenizer, *, add_generation_prompt: bool = False
            ) -> tuple[list[int], list[int]]:
-  """Returns (ids, loss_mask), equally long. See the module docstring for the format."""
+  """Returns (ids, loss_mask), equally long. See the module docstring for the format; a Hugging
+  Face tokenizer brings its model's own template instead (gptjax/hf/tokenizer.py)."""
   messages = validate_messages(messages)
+  if hasattr(tokenizer, "render_chat"):
+    return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
   special = tokenizer.special_ids
   end = special["<|end|>"]
   ids, mask = [tokenizer.bos_id], [0]
@@ -99,8 +102,10 @@ def render_prompt(messages: Sequence[Mapping] | str, tokenizer) -> list[int]:
   return render(as_messages(messages), tokenizer, add_generation_prompt=True)[0]
 
 
-def reply_stop_ids(tokenizer) -> tuple[int, int]:
-  """Ids that end an assistant turn: `<|end|>` and EOS."""
+def reply_stop_ids(tokenizer) -> tuple[int, ...]:
+  """Ids that end an assistant turn: `<|end|>` and EOS (a Hugging Face model's: its EOS ids)."""
+  if hasattr(tokenizer, "stop_ids"):
+    return tuple(tokenizer.stop_ids)
   return tokenizer.special_ids["<|end|>"], tokenizer.eos_id
 
 

@@ -4,6 +4,9 @@
     tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.special_ids (name -> id)
     tok.save(directory)                  load_tokenizer(directory)
 
+Kinds: char (below), SentencePiece (sentencepiece_tokenizer.py) and Hugging Face `tokenizers`
+(gptjax/hf/tokenizer.py, which brings the model's own special tokens and chat template).
+
 Special tokens are reserved in every tokenizer: PAD, BOS and EOS are three distinct ids (pad is
 never EOS, so a model can learn to stop while padding stays out of the loss), plus the chat
 template's markers. `encode` never produces a special id from plain text; callers ask for them
@@ -91,6 +94,13 @@ def load_tokenizer(directory_or_file: str):
     meta = json.load(f)
   if meta.get("kind") == "char":
     return CharTokenizer(meta["chars"])
+  if meta.get("kind") == "hf":
+    from gptjax.hf.tokenizer import HFTokenizer
+    return HFTokenizer(os.path.join(os.path.dirname(path), meta["dir"]), pad_id=meta["pad_id"])
+  if "model" in meta and "added_tokens" in meta:
+    # A Hugging Face tokenizer.json (a model directory given as data.tokenizer).
+    from gptjax.hf.tokenizer import HFTokenizer
+    return HFTokenizer(os.path.dirname(path) or ".")
   if meta.get("kind") == "sentencepiece":
     from gptjax.data import sentencepiece_tokenizer
     model = meta["model"]

@@ -9,5 +9,7 @@ def run_stage(cfg, workdir: str, *, progress: bool = True):
   if cfg.stage not in names:
     from gptjax.config import ConfigError
     raise ConfigError(f"stage: unknown stage {cfg.stage!r}; expected one of {sorted(names)}")
+  from gptjax import hf
+  hf.resolve_stage_config(cfg, workdir)       # train.init_from=hf:DIR and friends
   module = importlib.import_module(f"gptjax.stages.{names[cfg.stage]}")
   return module.run(cfg, workdir, progress=progress)
