@@ -27,6 +27,10 @@ setup(
         "vadersentiment>=3.3.2,<4",
         "matplotlib>=3.8,<4",
         "scipy>=1.11,<2",
+        # Hugging Face checkpoints, tokenizers and chat templates (gptjax/hf/).
+        "safetensors>=0.4.3,<1",
+        "tokenizers>=0.20,<1",
+        "jinja2>=3.1.6,<4",
     ],
     extras_require={
         # The jax build for the accelerator, for machines that do not come with one (a TPU VM,
@@ -35,7 +39,10 @@ setup(
         "cuda": ["jax[cuda12]>=0.10.0"],
         # `gptjax eval` and the lm-eval adapter (gptjax/lm_harness.py).
         "eval": ["lm-eval>=0.4.13,<0.5"],
-        "test": ["lm-eval>=0.4.13,<0.5", "pytest>=8,<10", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+        # torch is pinned exactly: the CPU wheel of this version is what the tests were run with
+        # (any other resolves to GBs of CUDA wheels). transformers and peft are the references
+        # tests/test_hf.py compares the HF import and export against.
+        "test": ["torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17,<1", "lm-eval>=0.4.13,<0.5", "pytest>=8,<10", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     },
     entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},
 )
