@@ -10,6 +10,13 @@ stages and resumes a partial one from its own checkpoints, so a killed pipeline 
 same result as an uninterrupted one. `done.json` records the config fields the stage depends on; a
 completed stage whose fields differ from the current config is an error (its results are kept),
 except the comparison, which runs again, e.g. when GRPO or DPO are added to a finished run.
+
+Other recipes (experiments/arithmetic_reasoning.py) use the same command with stages of their own:
+`pipeline.stage_fns` maps a stage name to a library function `module:function(cfg, run_dir,
+progress)`, which takes precedence over the built-in one of that name; any other name with a
+sub-config of its own that names a `stage` trains that runner with it. In a stage's string fields
+`{run}` stands for the run directory, so a config can point one stage at another's output
+(`train.init_from="{run}/sft_cot"`, `data.source="chat_jsonl:{run}/task_data/sft_cot.jsonl"`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 import jax
 
 from gptjax import config as config_lib
+from gptjax.data.errors import DataError
 
 ALL_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
               "ppo_beta0", "compare", "report")
@@ -88,8 +96,10 @@ def stage_fingerprint(cfg, name: str, run_dir: str) -> dict:
                           if n in cfg.pipeline.stages and is_done(run_dir, n)]}
   elif name == "report":
     parts = {}                      # rewritten from the files on every run
-  else:
+  elif name in cfg:
     parts = {name: cfg[name].to_dict()}
+  else:
+    parts = {}
   parts["seed"] = cfg.seed
   # A JSON round trip, so a fingerprint read back from done.json compares equal to a fresh one.
   return json.loads(json.dumps(_flat(parts), sort_keys=True, default=str))
@@ -109,6 +119,18 @@ def stage_config(cfg, name: str, run_dir: str, *, init_from: str = ""):
     c.data.tokenizer = stage_dir(run_dir, "tokenizer")
     if init_from:
       c.train.init_from = stage_dir(run_dir, init_from)
+  return with_run_dir(c, run_dir)
+
+
+def with_run_dir(c, run_dir: str):
+  """`{run}` in any string field of `c` (a ConfigDict, changed in place) becomes `run_dir`."""
+  import ml_collections
+  for k, v in list(c.items()):
+    if isinstance(v, ml_collections.ConfigDict):
+      with_run_dir(v, run_dir)
+    elif isinstance(v, str) and "{run}" in v:
+      with c.unlocked():
+        c[k] = v.replace("{run}", run_dir)
   return c
 
 
@@ -223,12 +245,32 @@ def environment() -> dict:
           "cpu_count": os.cpu_count()}
 
 
+def stage_fn(cfg, name: str):
+  """The function that runs stage `name`: the config's `pipeline.stage_fns[name]`
+  ('module:function'), else the built-in one, else a training stage from the config's own
+  sub-config of that name (it must name its runner in `stage`)."""
+  import importlib
+  extra = cfg.pipeline.get("stage_fns") or {}
+  if name in extra:
+    module, _, fn = extra[name].partition(":")
+    try:
+      return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+      raise config_lib.ConfigError(f"pipeline.stage_fns.{name}: cannot load {extra[name]!r} "
+                                   f"({e})") from None
+  if name in STAGE_FNS:
+    return STAGE_FNS[name]
+  if name in cfg and "stage" in cfg[name]:
+    return _train_stage(name)
+  raise config_lib.ConfigError(f"pipeline.stages: unknown stage {name!r}; expected one of "
+                               f"{ALL_STAGES}, a name in pipeline.stage_fns, or a sub-config "
+                               "with a 'stage' field")
+
+
 def run(cfg, run_dir: str, *, progress: bool = True) -> int:
   """Runs the pipeline; returns a process exit code (0 done, 143 interrupted and resumable)."""
   stages = list(cfg.pipeline.stages)
-  for s in stages:
-    if s not in STAGE_FNS:
-      raise config_lib.ConfigError(f"pipeline.stages: unknown stage {s!r}; expected {ALL_STAGES}")
+  fns = {s: stage_fn(cfg, s) for s in stages}
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, "pipeline_config.json"), "w") as f:
@@ -258,7 +300,7 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
             flush=True)
     print(f"[pipeline] {name}: running", flush=True)
     t0 = time.time()
-    info = STAGE_FNS[name](cfg, run_dir, progress)
+    info = fns[name](cfg, run_dir, progress)
     if info is None:
       print(f"[pipeline] {name}: interrupted; run the same command again to resume", flush=True)
       return 143
@@ -290,4 +332,7 @@ def main(argv) -> int:
     return run(cfg, args.workdir, progress=not args.no_progress)
   except config_lib.ConfigError as e:
     print(f"gptjax: config error: {e}", file=sys.stderr)
+    return 2
+  except DataError as e:
+    print(f"gptjax: data error: {e}", file=sys.stderr)
     return 2

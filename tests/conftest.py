@@ -125,3 +125,23 @@ def micro_pipeline(tmp_path_factory):
     pytest.fail(f"micro pipeline failed ({proc.returncode})\n{proc.stdout[-4000:]}\n"
                 f"{proc.stderr[-4000:]}")
   return run_dir
+
+
+REASONING_MICRO = os.path.join(REPO, "experiments", "arithmetic_reasoning.py") + ":micro"
+
+
+def reasoning_cmd(run_dir: str, *overrides: str) -> list[str]:
+  return [sys.executable, "-m", "gptjax.main", "pipeline", "--config", REASONING_MICRO,
+          "--workdir", run_dir, "--no_progress", *overrides]
+
+
+@pytest.fixture(scope="session")
+def micro_reasoning(tmp_path_factory):
+  """One micro arithmetic-reasoning pipeline per session, for its tests and notebook 06."""
+  run_dir = str(tmp_path_factory.mktemp("reasoning") / "run")
+  proc = subprocess.run(reasoning_cmd(run_dir), env=child_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=1800)
+  if proc.returncode != 0:
+    pytest.fail(f"micro reasoning pipeline failed ({proc.returncode})\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-4000:]}")
+  return run_dir

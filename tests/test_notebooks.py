@@ -13,15 +13,19 @@ NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(REPO, "colab")) if f.endsw
 
 def test_notebooks_are_generated_from_the_script():
   assert NOTEBOOKS == ["01_pretrain.ipynb", "02_sft.ipynb", "03_reward_model.ipynb",
-                       "04_rlhf.ipynb", "05_using_the_model.ipynb"]
+                       "04_rlhf.ipynb", "05_using_the_model.ipynb", "06_reasoning.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, micro_pipeline, monkeypatch):
+def test_notebook_executes(name, request, monkeypatch):
   # The notebooks share the session's micro pipeline run, so they exercise their own cells
   # (plots, sampling, scoring) without training every stage again.
   monkeypatch.setenv("GPTJAX_NOTEBOOK_SMOKE", "1")
-  monkeypatch.setenv("GPTJAX_RUN_DIR", micro_pipeline)
+  if name == "06_reasoning.ipynb":
+    # Its own recipe, run once per session and shared with tests/test_reasoning.py.
+    monkeypatch.setenv("GPTJAX_REASONING_RUN_DIR", request.getfixturevalue("micro_reasoning"))
+  else:
+    monkeypatch.setenv("GPTJAX_RUN_DIR", request.getfixturevalue("micro_pipeline"))
   monkeypatch.setenv("GPTJAX_REPO", REPO)
   monkeypatch.setenv("MPLBACKEND", "Agg")
   nb = nbformat.read(os.path.join(REPO, "colab", name), as_version=4)

@@ -107,6 +107,10 @@ def make_reward_fn(spec: str) -> Callable:
     contains:WORD         1 if the completion contains WORD (case-insensitive), else 0
     char_fraction:C       fraction of the completion's characters equal to C
     python:MODULE:FN      any importable function with that signature
+    verifier:PATH[@BONUS] a checkable task's verifier (gptjax/tasks/arithmetic.py): 1 when the
+                          completion's final `#### N` equals the reference answer that PATH (a
+                          prompts JSONL) gives for the prompt, plus BONUS for a well-formed
+                          final line
   """
   kind, _, arg = spec.partition(":")
   if kind == "gold":
@@ -115,11 +119,15 @@ def make_reward_fn(spec: str) -> Callable:
     return _contains(arg)
   if kind == "char_fraction" and len(arg) == 1:
     return _char_fraction(arg)
+  if kind == "verifier" and arg:
+    from gptjax.tasks import arithmetic
+    path, _, bonus = arg.partition("@")
+    return arithmetic.verifier_reward(path, format_bonus=float(bonus or 0.0))
   if kind == "python" and ":" in arg:
     module, _, name = arg.rpartition(":")
     return getattr(importlib.import_module(module), name)
   raise ValueError(f"rl.reward: unknown reward {spec!r}; expected 'rm', 'gold', 'contains:WORD', "
-                   "'char_fraction:C' or 'python:MODULE:FN'")
+                   "'char_fraction:C', 'python:MODULE:FN' or 'verifier:PATH[@BONUS]'")
 
 
 class TokenScorer:

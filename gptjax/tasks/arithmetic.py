@@ -321,6 +321,36 @@ def reward(prompts: Sequence[str], completions: Sequence[str], references: Seque
   return out
 
 
+def verifier_reward(prompts_path: str, *, format_bonus: float = 0.0):
+  """`reward_fn(prompt_texts, completion_texts)` for the RL stages (`rl.reward='verifier:PATH'`):
+  the reference of each prompt is looked up by its text in the prompts JSONL at `prompts_path`
+  (the file the RL stage reads its prompts from), so the rollout code needs nothing new to
+  carry answers. A prompt missing from the file is an error, never a silent zero."""
+  from gptjax.data import records
+  table = {}
+  for lineno, obj in records.read_jsonl(prompts_path):
+    prompt, ref = obj.get("prompt"), obj.get("reference")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+      prompt = prompt[-1].get("content")
+    if not isinstance(prompt, str):
+      raise DataError(f"{prompts_path}:{lineno}: field 'prompt' expected a string or messages")
+    if reference_answer(ref) is None:
+      raise DataError(f"{prompts_path}:{lineno}: field 'reference' expected an answer such as "
+                      f"'{MARKER} 12', got {ref!r}")
+    if table.get(prompt, ref) != ref:
+      raise DataError(f"{prompts_path}:{lineno}: field 'reference' differs from an earlier line "
+                      "with the same prompt")
+    table[prompt] = ref
+
+  def fn(prompt_texts, completion_texts):
+    missing = [p for p in prompt_texts if p not in table]
+    if missing:
+      raise ValueError(f"verifier reward: prompt {missing[0][:60]!r} is not in {prompts_path}")
+    return reward(prompt_texts, completion_texts, [table[p] for p in prompt_texts],
+                  format_bonus=format_bonus)
+  return fn
+
+
 def reference_answer(reference) -> int | None:
   if isinstance(reference, (int, np.integer)):
     return int(reference)

@@ -1,0 +1,200 @@
+"""Reasoning you can check: arithmetic with a verifier, from pretraining to RL, on one table.
+
+    gptjax pipeline --config experiments/arithmetic_reasoning.py:tiny --workdir runs/reason
+
+Stages (each an ordinary runner pointed at the task's files by configuration; `{run}` is the run
+directory):
+
+    task_data     problems (train / validation / held-out; gptjax/tasks/arithmetic.py), the
+                  pretraining text, SFT chats in both formats, RL prompts with their answers
+    tokenizer     characters of the training text (each digit one token)
+    pretrain      the base model on the task's text (optionally mixed with Shakespeare)
+    sft_direct    SFT to answer at once:           "#### 132"
+    sft_cot       SFT to work the problem first:   "7+5=12 c1\\n4+8+1=13 c1\\n#### 132"
+    orm_data      CoT samples on training problems, labelled by the verifier
+    orm           an outcome reward model (the Bradley–Terry RM on correct-vs-wrong pairs)
+    grpo_cot      GRPO from the CoT model, reward = the verifier (`rl.reward=verifier:...`)
+    ppo_orm       PPO from the CoT model against the outcome RM
+    reason_eval   every method on the same held-out problems (gptjax/reasoning.py)
+    report        the report card: <run>/report.md (gptjax/reasoning_report.py)
+
+Presets: `micro` (tests: seconds per stage, the numbers mean nothing) and `tiny` (2 CPU cores,
+about 25 minutes). The held-out set holds the training bands plus bands beyond them (one more
+digit, one more step), to test length generalisation. Presets were chosen on validation problems
+(training split), never on held-out ones; benchmarks/RESULTS.md has the trials.
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import reward as reward_exp  # noqa: E402
+import rl as rl_exp  # noqa: E402
+import sft as sft_exp  # noqa: E402
+
+PRESETS = ("micro", "tiny")
+STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",
+          "grpo_cot", "ppo_orm", "reason_eval", "report")
+
+
+def task_data(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      seed=0,                          # the problems; independent of the training seed
+      heldout_fraction=0.2,            # of every band's questions, by a hash of the text
+      train_bands=("add-1d", "add-2d", "add-3d", "sub-2d", "sub-3d", "mul-1d", "mul-2d",
+                   "word-1s", "word-2s"),
+      heldout_bands=("add-1d", "add-2d", "add-3d", "sub-2d", "sub-3d", "mul-1d", "mul-2d",
+                     "word-1s", "word-2s", "add-4d", "sub-4d", "mul-3d", "word-3s"),
+      train_per_band=1000, validation_per_band=64, heldout_per_band=48,
+      rl_prompts=0,                    # RL prompts: the first N training problems (0 = all)
+      pretrain_formats=("cot", "direct"),
+      shakespeare_fraction=0.0,        # of the pretraining characters
+      gsm8k_train="", gsm8k_test=""))  # GSM8K-format JSONL files, added to train / held-out
+  if preset == "micro":
+    c.update(train_bands=("add-1d", "add-2d", "word-1s"),
+             heldout_bands=("add-1d", "add-2d", "word-1s", "add-3d"),
+             train_per_band=64, validation_per_band=8, heldout_per_band=6)
+  return c
+
+
+def model_size(c, preset):
+  if preset == "micro":
+    c.model.update(num_layers=2, num_heads=2, d_model=32, max_len=128)
+  else:
+    # 192 characters hold the longest training conversation (a two-step word problem, ~130)
+    # and leave room for the beyond-training bands at evaluation.
+    c.model.update(num_layers=4, num_heads=4, d_model=128, max_len=192)
+  c.data.seq_len = c.model.max_len
+
+
+def pretrain_config(preset: str):
+  c = common.base_config()
+  c.stage = "pretrain"
+  model_size(c, preset)
+  c.data.source = "text_files:{run}/task_data/pretrain_*.jsonl"
+  c.train.sample_prompts = ("Question: What is 27 + 48?\nAnswer:\n",)
+  if preset == "micro":
+    c.train.update(steps=20, batch_size=8, log_every=5, eval_every=10, eval_batches=2,
+                   sample_every=0, checkpoint_every=10)
+    c.optim.update(lr=3e-3, warmup_steps=2)
+  else:
+    c.train.update(steps=600, batch_size=16, log_every=25, eval_every=300, eval_batches=4,
+                   sample_every=0, checkpoint_every=300)
+    c.optim.update(lr=2e-3, warmup_steps=60)
+  return c
+
+
+def sft_config(preset: str, fmt: str):
+  c = sft_exp.get_config(preset)
+  model_size(c, preset)
+  c.data.source = "chat_jsonl:{run}/task_data/sft_" + fmt + ".jsonl"
+  c.data.val_fraction = 0.05
+  c.train.init_from = "{run}/pretrain"
+  c.sft.update(eval_prompts=0 if preset == "micro" else 32, show_samples=4,
+               reply_tokens=16 if fmt == "direct" else 80, eval_temperature=0.7)
+  if preset == "micro":
+    # Tests: one evaluation and one checkpoint, at the end (compiling costs more than training).
+    c.train.update(eval_every=6, checkpoint_every=6)
+  else:
+    c.train.update(steps=300, batch_size=16, log_every=20, eval_every=150, eval_batches=4,
+                   checkpoint_every=150)
+    c.optim.update(lr=1e-3, warmup_steps=20)
+  return c
+
+
+def orm_config(preset: str):
+  c = reward_exp.get_config(preset)
+  model_size(c, preset)
+  c.data.source = "preference_jsonl:{run}/orm_data/train.jsonl"
+  c.data.eval_source = "preference_jsonl:{run}/orm_data/validation.jsonl"
+  c.train.init_from = "{run}/sft_cot"
+  c.reward.best_of_n_prompts = 0            # best-of-N is measured by reason_eval
+  if preset == "micro":
+    c.train.update(eval_every=6, checkpoint_every=6)
+  else:
+    c.train.update(steps=120, batch_size=8, log_every=20, eval_every=60, eval_batches=0,
+                   checkpoint_every=60)
+    c.optim.update(lr=3e-4, warmup_steps=20)
+  return c
+
+
+def orm_data(preset: str):
+  return ml_collections.ConfigDict(dict(
+      policy="{run}/sft_cot", train_problems=32 if preset == "micro" else 512,
+      validation_problems=8 if preset == "micro" else 128, samples_per_problem=4,
+      temperature=1.0, max_new_tokens=48 if preset == "micro" else 80, add_reference=True,
+      batch_size=256, seed=5))
+
+
+def rl_config(preset: str, algo: str):
+  c = rl_exp.get_config(f"{algo}_{preset}")
+  model_size(c, preset)
+  c.data.source = "prompts_jsonl:{run}/task_data/rl_prompts.jsonl"
+  c.train.init_from = "{run}/sft_cot"
+  c.rl.update(prompts=(), reference_workdir="{run}/sft_cot", eval_prompts=0, log_gold=False,
+              missing_eos_penalty=0.0, temperature=1.0)
+  if algo == "grpo":
+    # The verifier is the reward: 1 for a correct final answer (no format bonus by default:
+    # every SFT sample already ends with the marker).
+    c.rl.update(reward="verifier:{run}/task_data/rl_prompts.jsonl", normalize_scores=False,
+                reward_workdir="")
+  else:
+    c.rl.update(reward="rm", reward_workdir="{run}/orm", value_model="critic",
+                normalize_scores=True)
+  if preset == "micro":
+    c.rl.update(prompt_len=64, max_new_tokens=48, iterations=2, max_prompts=64)
+  else:
+    c.rl.update(prompt_len=112, max_new_tokens=80,
+                iterations=30 if algo == "grpo" else 20)
+  per_iteration = c.rl.epochs * (c.rl.prompts_per_iteration * c.rl.group_size
+                                 // c.train.batch_size)
+  # A checkpoint every few iterations: reason_eval draws pass@1, pass@k and the length over
+  # training from them.
+  c.train.update(checkpoint_every=per_iteration * (1 if preset == "micro" else 10),
+                 keep_checkpoints=100)
+  return c
+
+
+def reason_eval(preset: str):
+  c = ml_collections.ConfigDict(dict(
+      direct="{run}/sft_direct", cot="{run}/sft_cot", orm="{run}/orm",
+      rl_stages={"grpo_cot": "{run}/grpo_cot", "ppo_orm": "{run}/ppo_orm"},
+      samples=16, ks=(1, 2, 4, 8, 16), table_ks=(4, 16), draws=16, temperature=1.0,
+      # 100 new tokens: the longest chain of the beyond-training bands (mul-3d) is 94.
+      rl_samples=8, curve_problems=8, max_new_tokens=100, direct_max_new_tokens=16,
+      batch_size=512, seed=0))
+  if preset == "micro":
+    c.update(samples=4, ks=(1, 2, 4), table_ks=(4,), rl_samples=2, curve_problems=2,
+             max_new_tokens=48, batch_size=64)
+  return c
+
+
+def get_config(arg=None):
+  preset = arg or "tiny"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.stages = STAGES
+  c.pipeline.stage_fns = {
+      "task_data": "gptjax.reasoning:task_data_stage",
+      "tokenizer": "gptjax.reasoning:tokenizer_stage",
+      "orm_data": "gptjax.reasoning:orm_data_stage",
+      "reason_eval": "gptjax.reasoning:evaluate_stage",
+      "report": "gptjax.reasoning:report_stage"}
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="char"))
+  c.task_data = task_data(preset)
+  c.pretrain = pretrain_config(preset)
+  c.sft_direct = sft_config(preset, "direct")
+  c.sft_cot = sft_config(preset, "cot")
+  c.orm_data = orm_data(preset)
+  c.orm = orm_config(preset)
+  c.grpo_cot = rl_config(preset, "grpo")
+  c.ppo_orm = rl_config(preset, "ppo")
+  c.reason_eval = reason_eval(preset)
+  c.distributed = common.base_config().distributed
+  return c

@@ -1,0 +1,480 @@
+"""The arithmetic-reasoning recipe's library: its pipeline stages that do not train, and the table.
+
+    gptjax pipeline --config experiments/arithmetic_reasoning.py:tiny --workdir runs/reason
+
+The training stages are the ordinary runners (pretrain, SFT, reward, PPO, GRPO) pointed at this
+task's files by configuration. What lives here:
+
+    task_data_stage   the task's files: problems (train / validation / held-out), pretraining
+                      text, SFT chats in the direct and CoT formats, RL prompts with references
+    tokenizer_stage   a character vocabulary of the training text (digits are single tokens)
+    orm_data_stage    CoT samples of the SFT model on training problems, labelled correct or not
+                      by the verifier: preference records for the reward stage (an outcome RM)
+    evaluate_stage    every method on the same held-out problems: `reason_eval.json`
+    sample            k completions per question from any policy, in fixed-shape batches
+
+The table is a list of rows {method, budget, per_band: {band: {acc, lo, hi, n}}, overall}; a new
+method (tools, constrained decoding, search, retrieval) is one more row made by `table_row` from
+its per-problem scores, and the report card (`reasoning_report.py`) shows every row it finds.
+Validation problems come from the training split (never the held-out one), so presets can be
+chosen on them without touching the held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import sampling
+from gptjax.data import chat, tokenizers
+from gptjax.tasks import arithmetic as ar
+
+RESULTS_FILE = "reason_eval.json"
+
+
+def _dir(run_dir, *parts):
+  return os.path.join(run_dir, *parts)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def read_problems(path: str) -> list[ar.Problem]:
+  with open(path) as f:
+    return [ar.from_jsonable(json.loads(l)) for l in f if l.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# The task's files and tokenizer.
+# --------------------------------------------------------------------------------------------
+
+def write_task_data(c, out_dir: str) -> dict:
+  """Writes the task's files into `out_dir` from the `task_data` config; returns their counts."""
+  os.makedirs(out_dir, exist_ok=True)
+  kw = dict(seed=c.seed, heldout_fraction=c.heldout_fraction)
+  train = ar.generate(list(c.train_bands), c.train_per_band, split="train", **kw)
+  seen = {p.question for p in train}
+  validation = [p for p in ar.generate(list(c.train_bands), c.validation_per_band, split="train",
+                                       **{**kw, "seed": c.seed + 1})
+                if p.question not in seen]
+  heldout = ar.generate(list(c.heldout_bands), c.heldout_per_band, split="heldout", **kw)
+  if c.gsm8k_train:
+    train += ar.read_gsm8k(c.gsm8k_train)
+  if c.gsm8k_test:
+    heldout += ar.read_gsm8k(c.gsm8k_test)[:c.heldout_per_band]
+  for name, probs in (("train", train), ("validation", validation), ("heldout", heldout)):
+    ar.write_jsonl(os.path.join(out_dir, f"problems_{name}.jsonl"), map(ar.to_jsonable, probs))
+  for fmt in ar.FORMATS:
+    ar.write_jsonl(os.path.join(out_dir, f"sft_{fmt}.jsonl"), ar.sft_records(train, fmt))
+  rl = train if not c.rl_prompts else train[:c.rl_prompts]
+  ar.write_jsonl(os.path.join(out_dir, "rl_prompts.jsonl"), ar.prompt_records(rl))
+  # Pretraining text: every training problem in each of `pretrain_formats`, one document per
+  # line of a text_files JSONL (so its validation split, by a hash of the line, is never empty).
+  # Held-out problems never appear.
+  docs = [ar.pretrain_text(p, fmt) for p in train for fmt in c.pretrain_formats]
+  ar.write_jsonl(os.path.join(out_dir, "pretrain_task.jsonl"), ({"text": d} for d in docs))
+  task_chars = sum(map(len, docs))
+  shakespeare_chars = 0
+  extra = os.path.join(out_dir, "pretrain_shakespeare.jsonl")
+  chars = {ch for d in docs for ch in d}
+  if c.shakespeare_fraction > 0:
+    from gptjax.data import shakespeare
+    want = int(task_chars * c.shakespeare_fraction / (1 - c.shakespeare_fraction))
+    text = shakespeare.corpus_text("train")[:want]
+    # Scenes are long; documents of ~1000 characters cut at speech boundaries mix better.
+    pieces = [x + "\n\n" for x in text.split("\n\n") if x.strip()]
+    shakespeare_docs, cur = [], ""
+    for x in pieces:
+      cur += x
+      if len(cur) > 1000:
+        shakespeare_docs.append(cur)
+        cur = ""
+    shakespeare_docs += [cur] if cur else []
+    ar.write_jsonl(extra, ({"text": d} for d in shakespeare_docs))
+    shakespeare_chars = len(text)
+    chars |= set(text)
+  elif os.path.exists(extra):
+    os.remove(extra)
+  # The tokenizer's characters: the training text's only, so nothing about held-out problems
+  # (even their alphabet) reaches training. Digits and operators are in every band.
+  for fmt in ar.FORMATS:
+    chars |= {ch for p in train for ch in p.target(fmt) + p.question}
+  with open(os.path.join(out_dir, "chars.txt"), "w") as f:
+    f.write("".join(sorted(chars)))
+  by_band = lambda probs: {b: sum(p.band == b for p in probs) for b in dict.fromkeys(
+      p.band for p in probs)}
+  return {"train": len(train), "validation": len(validation), "heldout": len(heldout),
+          "rl_prompts": len(rl), "pretrain_task_chars": task_chars,
+          "pretrain_shakespeare_chars": shakespeare_chars, "heldout_by_band": by_band(heldout),
+          "train_by_band": by_band(train)}
+
+
+def task_data_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  return write_task_data(cfg.task_data, _dir(run_dir, "task_data"))
+
+
+def tokenizer_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  with open(_dir(run_dir, "task_data", "chars.txt")) as f:
+    tok = tokenizers.CharTokenizer.from_text(f.read())
+  tok.save(_dir(run_dir, "tokenizer"))
+  return {"vocab_size": tok.vocab_size}
+
+
+# --------------------------------------------------------------------------------------------
+# Policies and sampling.
+# --------------------------------------------------------------------------------------------
+
+def load_policy(workdir: str, step: int | None = None):
+  """(GPT, params, tokenizer) of any stage's policy at `step` (default: the last). An RL run with
+  a separate critic stores {'policy', 'critic'}; only the policy is read."""
+  import flax.linen as nn
+  from gptjax import config as config_lib
+  from gptjax.model import GPT
+  cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
+  model = GPT(config_lib.model_config(cfg))
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+  critic = cfg.get("rl", {}).get("value_model") == "critic"
+  params = ckpt_lib.restore_params(workdir, {"policy": abstract} if critic else abstract, step)
+  return model, (params["policy"] if critic else params), tokenizers.load_tokenizer(workdir)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  d = ckpt_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit())
+
+
+def load_reward_scorer(workdir: str):
+  """The outcome RM as `scorer(prompt_ids, completion_ids) -> [B]`, normalised as trained."""
+  try:
+    from gptjax.reward_model import load_reward_model      # the library home of the RM scorer
+  except ImportError:
+    from gptjax.stages.reward import load_reward_model
+  return load_reward_model(workdir)
+
+
+def prompt_ids(questions, tok) -> list[list[int]]:
+  return [chat.render_prompt([{"role": "user", "content": q}], tok) for q in questions]
+
+
+def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int, seed: int,
+           batch_size: int = 256) -> dict:
+  """n completions per question (temperature 0: greedy, then n is 1). Returns {'texts' [Q][n],
+  'ids' [Q][n] (with the stop token), 'lengths' [Q][n] tokens, 'ended' [Q][n]}.
+
+  Rows are the questions repeated n times, in fixed-shape batches per prompt width; batch b's key
+  is fold_in(seed, b), so the same call always gives the same samples.
+  """
+  model, params, tok = policy
+  if temperature == 0 and n != 1:
+    raise ValueError(f"sample: greedy decoding gives one completion per question, asked for {n}")
+  stops = chat.reply_stop_ids(tok)
+  prompts = prompt_ids(questions, tok)
+  rows = [p for p in prompts for _ in range(n)]
+  max_len = model.cfg.resolved().max_len
+  # Rows are grouped by prompt width (rounded up to 16), so a long word problem does not take
+  # the room a short multiplication needs for its long chain: each group gets the new tokens
+  # that fit beside its own prompts. One batch shape per (batch_size, width) (short groups are
+  # padded with copies), so calls over different question sets reuse compiled programs.
+  widths = [min(-(-len(p) // 16) * 16, max_len - 1) for p in rows]
+  too_long = [len(p) for p, w in zip(rows, widths) if len(p) > w]
+  if too_long:
+    raise ValueError(f"sample: a prompt of {max(too_long)} tokens leaves no room in "
+                     f"max_len={max_len}")
+  bs = batch_size
+  ids, lengths, ended = [None] * len(rows), [0] * len(rows), [False] * len(rows)
+  b = 0
+  for width in sorted(set(widths)):
+    members = [i for i, w in enumerate(widths) if w == width]
+    new = min(max_new_tokens, max_len - width)
+    for start in range(0, len(members), bs):
+      chunk = members[start:start + bs]
+      chunk = chunk + [chunk[-1]] * (bs - len(chunk))
+      arr = np.full((bs, width), tok.pad_id, np.int32)
+      for j, i in enumerate(chunk):
+        arr[j, :len(rows[i])] = rows[i]
+      out = sampling.generate(model, params, arr,
+                              np.asarray([len(rows[i]) for i in chunk], np.int32),
+                              rng=jax.random.fold_in(jax.random.key(seed), b),
+                              max_new_tokens=new, temperature=temperature, eos_ids=stops,
+                              pad_id=tok.pad_id)
+      b += 1
+      comp, mask = jax.device_get((out.completion, out.completion_mask))
+      for j, i in enumerate(members[start:start + bs]):
+        row = [int(t) for t in np.asarray(comp[j])[np.asarray(mask[j]) > 0]]
+        ids[i], lengths[i] = row, len(row)
+        ended[i] = bool(row) and row[-1] in stops
+  texts = [chat.parse_reply(r, tok) for r in ids]
+  shape = lambda xs: [xs[q * n:(q + 1) * n] for q in range(len(questions))]
+  return {"texts": shape(texts), "ids": shape(ids), "lengths": shape(lengths),
+          "ended": shape(ended)}
+
+
+def answers_of(texts) -> list[list[int | None]]:
+  return [[ar.extract_final(t) for t in row] for row in texts]
+
+
+# --------------------------------------------------------------------------------------------
+# The outcome RM's data.
+# --------------------------------------------------------------------------------------------
+
+def orm_records(problems, samples: dict, *, add_reference: bool) -> tuple[list[dict], dict]:
+  """Preference records (the reward stage's 'responses' + 'ranks' form) from verified samples:
+  rank 1 for a correct final answer, 0 otherwise, so every (correct, wrong) pair of one problem
+  trains the Bradley–Terry RM. With `add_reference`, a problem none of whose samples is correct
+  gets its reference solution as the correct reply, so it still gives pairs. Problems whose
+  replies are all correct (or all wrong, without add_reference) give no pair and are left out."""
+  recs, n_correct, n_all, kept_mixed, added = [], 0, 0, 0, 0
+  for p, texts, ids, ended in zip(problems, samples["texts"], samples["ids"], samples["ended"]):
+    ok = [int(ar.is_correct(t, p.answer)) for t in texts]
+    n_correct += sum(ok)
+    n_all += len(ok)
+    responses, response_ids, ends = list(texts), [list(x) for x in ids], list(ended)
+    if not any(ok) and add_reference:
+      responses.append(p.cot)
+      response_ids.append(None)
+      ends.append(True)
+      ok.append(1)
+      added += 1
+    if len(set(ok)) < 2:
+      continue
+    kept_mixed += 1
+    rec = {"prompt": p.question, "responses": responses, "ranks": ok,
+           "scores": [float(x) for x in ok], "ended": ends, "band": p.band}
+    if all(x is not None for x in response_ids):
+      rec["response_ids"] = response_ids
+    recs.append(rec)
+  return recs, {"problems": len(problems), "sample_accuracy": n_correct / max(n_all, 1),
+                "records": kept_mixed, "reference_added": added}
+
+
+def orm_data_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  from gptjax import pipeline
+  c = pipeline.with_run_dir(cfg.orm_data.copy_and_resolve_references(), run_dir)
+  policy = load_policy(c.policy)
+  out_dir = _dir(run_dir, "orm_data")
+  os.makedirs(out_dir, exist_ok=True)
+  info = {}
+  for split, count in (("train", c.train_problems), ("validation", c.validation_problems)):
+    probs = read_problems(_dir(run_dir, "task_data", f"problems_{split}.jsonl"))[:count]
+    s = sample(policy, [p.question for p in probs], n=c.samples_per_problem,
+               temperature=c.temperature, max_new_tokens=c.max_new_tokens,
+               seed=c.seed + (split == "validation"), batch_size=c.batch_size)
+    recs, stats = orm_records(probs, s, add_reference=c.add_reference)
+    if not recs:
+      raise ValueError(f"orm_data: no {split} problem gave both a correct and a wrong reply "
+                       f"(sample accuracy {stats['sample_accuracy']:.3f}); set "
+                       "orm_data.add_reference=True or sample more replies")
+    ar.write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), recs)
+    info[split] = stats
+    print(f"[orm_data] {split}: {stats['records']} records from {stats['problems']} problems; "
+          f"sample accuracy {stats['sample_accuracy']:.3f}", flush=True)
+  return info
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------------------------
+
+def table_row(method: str, budget: int, bands: list[str], values, *, family: str = "",
+              note: str = "") -> dict:
+  """A row of the method table from per-problem scores in [0, 1] (1/0 for one answer; a mean
+  over subsets for sampled methods), aligned with `bands`. Intervals are Wilson 95% with the
+  summed scores as successes (for fractional scores this is a close, slightly wide interval)."""
+  values = np.asarray(values, np.float64)
+
+  def cell(mask):
+    n = int(mask.sum())
+    s = float(values[mask].sum())
+    lo, hi = ar.wilson_interval(s, n)
+    return {"acc": s / n if n else None, "lo": lo, "hi": hi, "n": n}
+
+  bands_arr = np.asarray(bands)
+  return {"method": method, "budget": int(budget), "family": family, "note": note,
+          "per_band": {b: cell(bands_arr == b) for b in dict.fromkeys(bands)},
+          "overall": cell(np.ones(len(values), bool))}
+
+
+def _traces(problems, texts, values, k: int = 3) -> list[dict]:
+  """The first k problems' outputs, plus the first wrong one if none of those is wrong."""
+  idx = list(range(min(k, len(problems))))
+  wrong = [i for i, v in enumerate(values) if v < 1]
+  if wrong and not any(values[i] < 1 for i in idx):
+    idx.append(wrong[0])
+  return [{"question": problems[i].question, "answer": problems[i].answer, "band": problems[i].band,
+           "output": texts[i], "correct": bool(values[i] >= 1)} for i in idx]
+
+
+def _score_with_rm(rm, policy_tok, questions, ids) -> np.ndarray:
+  """ORM scores [Q, n] of sampled completion ids."""
+  p_ids = prompt_ids(questions, policy_tok)
+  flat_p = [p for p, row in zip(p_ids, ids) for _ in row]
+  flat_c = [c for row in ids for c in row]
+  scores = []
+  for start in range(0, len(flat_p), 512):
+    scores.append(np.asarray(rm(flat_p[start:start + 512], flat_c[start:start + 512])))
+  return np.concatenate(scores).reshape(len(ids), -1)
+
+
+def evaluate(cfg, run_dir: str) -> dict:
+  """Every method on the held-out problems; writes `<run>/reason_eval.json`; see the module doc."""
+  from gptjax import pipeline
+  e = pipeline.with_run_dir(cfg.reason_eval.copy_and_resolve_references(), run_dir)
+  t0 = time.time()
+  probs = read_problems(_dir(run_dir, "task_data", "problems_heldout.jsonl"))
+  questions = [p.question for p in probs]
+  bands = [p.band for p in probs]
+  gold = [p.answer for p in probs]
+  rows, traces, curves, timings = [], {}, {}, {}
+  kw = dict(seed=e.seed, batch_size=e.batch_size)
+
+  def greedy(name, workdir, max_new):
+    pol = load_policy(workdir)
+    s = sample(pol, questions, n=1, temperature=0.0, max_new_tokens=max_new, **kw)
+    texts = [t[0] for t in s["texts"]]
+    v = [float(ar.is_correct(t, a)) for t, a in zip(texts, gold)]
+    rows.append(table_row(f"{name}, greedy", 1, bands, v, family=name))
+    traces[f"{name}, greedy"] = _traces(probs, texts, v)
+    return pol, s
+
+  t = time.time()
+  greedy("direct", e.direct, e.direct_max_new_tokens)
+  cot_pol, _ = greedy("CoT", e.cot, e.max_new_tokens)
+  timings["greedy_s"] = time.time() - t
+
+  # N sampled chains per problem from the CoT model; every sampled method reads these same
+  # samples, so their differences are the method's, not the draw's.
+  t = time.time()
+  n = e.samples
+  s = sample(cot_pol, questions, n=n, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+             **kw)
+  answers = answers_of(s["texts"])
+  correct = [[a == g for a in row] for row, g in zip(answers, gold)]
+  timings["cot_samples_s"] = time.time() - t
+  rm_scores = None
+  if e.orm and os.path.exists(os.path.join(e.orm, "done.json")):
+    t = time.time()
+    rm_scores = _score_with_rm(load_reward_scorer(e.orm), cot_pol[2], questions, s["ids"])
+    timings["orm_scoring_s"] = time.time() - t
+  ks = [k for k in e.ks if k <= n]
+  curve = {"k": ks, "self_consistency": {}, "oracle": {}, "orm": {}}
+  per_k = {}
+  for k in ks:
+    sc = [ar.vote_at_k(a, g, k, draws=e.draws, seed=e.seed + i)
+          for i, (a, g) in enumerate(zip(answers, gold))]
+    oracle = [ar.pass_at_k(n, int(sum(c)), k) for c in correct]
+    per_k[k] = {"self_consistency": sc, "oracle": oracle}
+    if rm_scores is not None:
+      per_k[k]["orm"] = [ar.best_at_k(r, c, k, draws=e.draws, seed=e.seed + i)
+                         for i, (r, c) in enumerate(zip(rm_scores, correct))]
+    for what, v in per_k[k].items():
+      curve[what][str(k)] = table_row(what, k, bands, v)
+  curves["cot_sampling"] = curve
+  rows.append(table_row("CoT, 1 sample", 1, bands, per_k[1]["self_consistency"], family="CoT"))
+  traces["CoT, 1 sample"] = _traces(probs, [t[0] for t in s["texts"]],
+                                    [float(c[0]) for c in correct])
+  for k in e.table_ks:
+    if k not in per_k:
+      continue
+    rows.append(table_row(f"self-consistency@{k}", k, bands, per_k[k]["self_consistency"],
+                          family="CoT"))
+    if "orm" in per_k[k]:
+      rows.append(table_row(f"best-of-{k}, ORM", k, bands, per_k[k]["orm"], family="CoT"))
+    rows.append(table_row(f"best-of-{k}, oracle verifier", k, bands, per_k[k]["oracle"],
+                          family="CoT", note="pass@k, unbiased; the verifier's ceiling"))
+  if rm_scores is not None:
+    best = [int(np.argmax(r)) for r in rm_scores]
+    traces[f"best-of-{n}, ORM"] = _traces(
+        probs, [t[b] for t, b in zip(s["texts"], best)],
+        [float(c[b]) for c, b in zip(correct, best)])
+
+  # The RL policies: greedy, one sample, and a vote over rl_samples, beside their curves over
+  # training on a fixed subset of the held-out problems.
+  for name, workdir in e.rl_stages.items():
+    if not os.path.exists(os.path.join(workdir, "done.json")):
+      continue
+    t = time.time()
+    pol, _ = greedy(name, workdir, e.max_new_tokens)
+    m = e.rl_samples
+    rs = sample(pol, questions, n=m, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                **kw)
+    ra = answers_of(rs["texts"])
+    rc = [[a == g for a in row] for row, g in zip(ra, gold)]
+    rows.append(table_row(f"{name}, 1 sample", 1, bands, [float(c[0]) for c in rc], family=name))
+    rows.append(table_row(f"{name} + self-consistency@{m}", m, bands,
+                          [ar.vote_at_k(a, g, m) for a, g in zip(ra, gold)], family=name))
+    rows.append(table_row(f"{name}, best-of-{m} oracle verifier", m, bands,
+                          [ar.pass_at_k(m, int(sum(c)), m) for c in rc], family=name,
+                          note="pass@k"))
+    traces[f"{name}, 1 sample"] = _traces(probs, [x[0] for x in rs["texts"]],
+                                          [float(c[0]) for c in rc])
+    curves[name] = training_curve(cfg, e, name, workdir, probs)
+    timings[f"{name}_s"] = time.time() - t
+  timings["total_s"] = time.time() - t0
+  out = {"bands": list(dict.fromkeys(bands)), "problems": len(probs),
+         "train_bands": list(cfg.task_data.train_bands), "samples": n,
+         "temperature": e.temperature, "rows": rows, "curves": curves, "traces": traces,
+         "timings": timings}
+  if jax.process_index() == 0:
+    _write_json(_dir(run_dir, RESULTS_FILE), out)
+  return out
+
+
+def training_curve(cfg, e, name: str, workdir: str, probs) -> list[dict]:
+  """pass@1, pass@k (k = rl_samples) and mean completion tokens of the RL policy at each kept
+  checkpoint (and at its start, the CoT SFT model), on the first `curve_problems` held-out
+  problems per band, with the training-time reward of the iterations logged up to that step."""
+  by_band = {}
+  for p in probs:
+    by_band.setdefault(p.band, [])
+    if len(by_band[p.band]) < e.curve_problems:
+      by_band[p.band].append(p)
+  subset = [p for group in by_band.values() for p in group]
+  m = e.rl_samples
+  r = cfg[name].rl
+  steps_per_iteration = r.epochs * (r.prompts_per_iteration * r.group_size
+                                    // cfg[name].train.batch_size)
+  points = [(0, e.cot)] + [(st, workdir) for st in checkpoint_steps(workdir)]
+  logged = []
+  path = os.path.join(workdir, "rl_iterations.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      logged = [json.loads(l) for l in f if l.strip()]
+  out = []
+  for step, wd in points:
+    pol = load_policy(wd, None if step == 0 else step)
+    s = sample(pol, [p.question for p in subset], n=m, temperature=e.temperature,
+               max_new_tokens=e.max_new_tokens, seed=e.seed + 17, batch_size=e.batch_size)
+    c = [[ar.is_correct(t, p.answer) for t in row] for row, p in zip(s["texts"], subset)]
+    point = {"step": step,
+             "pass@1": float(np.mean([ar.pass_at_k(m, int(sum(x)), 1) for x in c])),
+             f"pass@{m}": float(np.mean([ar.pass_at_k(m, int(sum(x)), m) for x in c])),
+             "mean_tokens": float(np.mean(s["lengths"])), "problems": len(subset)}
+    done = step // steps_per_iteration
+    if done and logged:
+      # The mean reward of the (up to) three iterations that led to this checkpoint.
+      point["train_reward"] = float(np.mean([x["rl/score"] for x in logged[:done]][-3:]))
+    out.append(point)
+  return out
+
+
+def evaluate_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  res = evaluate(cfg, run_dir)
+  return {"problems": res["problems"], "rows": len(res["rows"]), "timings": res["timings"]}
+
+
+def report_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  from gptjax import reasoning_report
+  return {"report": reasoning_report.write([run_dir], run_dir)}

@@ -1,0 +1,150 @@
+"""The arithmetic-reasoning pipeline end to end on its micro preset (one run per session), the
+verifier as an RL reward by configuration, and the report card's table and findings."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import REPO, child_env, reasoning_cmd
+from gptjax import reasoning, reasoning_report
+from gptjax.rl import rollout
+from gptjax.tasks import arithmetic as ar
+
+STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",
+          "grpo_cot", "ppo_orm", "reason_eval", "report")
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
+  run = micro_reasoning
+  for stage in STAGES:
+    assert os.path.exists(os.path.join(run, stage, "done.json")), stage
+  res = json.load(open(os.path.join(run, "reason_eval.json")))
+  # The held-out set has the training bands and one beyond them.
+  assert res["bands"] == ["add-1d", "add-2d", "word-1s", "add-3d"]
+  assert "add-3d" not in res["train_bands"]
+  methods = [r["method"] for r in res["rows"]]
+  for m in ("direct, greedy", "CoT, greedy", "CoT, 1 sample", "self-consistency@4",
+            "best-of-4, ORM", "best-of-4, oracle verifier", "grpo_cot, greedy",
+            "grpo_cot, 1 sample", "grpo_cot + self-consistency@2", "ppo_orm, 1 sample"):
+    assert m in methods, m
+  for row in res["rows"]:
+    for cell in [row["overall"], *row["per_band"].values()]:
+      assert cell["n"] > 0 and cell["lo"] <= cell["acc"] <= cell["hi"], row["method"]
+    assert sum(c["n"] for c in row["per_band"].values()) == row["overall"]["n"] == res["problems"]
+  # The oracle (pass@k) bounds every method that picks one of the same k chains.
+  by = {r["method"]: r["overall"]["acc"] for r in res["rows"]}
+  assert by["best-of-4, oracle verifier"] >= max(by["self-consistency@4"], by["best-of-4, ORM"],
+                                                  by["CoT, 1 sample"])
+  cur = res["curves"]["cot_sampling"]
+  assert cur["k"] == [1, 2, 4] and set(cur) >= {"self_consistency", "orm", "oracle"}
+  # GRPO's curve: the SFT start (step 0) and each kept checkpoint, with pass@1 <= pass@k.
+  pts = res["curves"]["grpo_cot"]
+  assert [p["step"] for p in pts][0] == 0 and len(pts) >= 2
+  assert all(p["pass@1"] <= p["pass@2"] and p["mean_tokens"] > 0 for p in pts)
+  report = open(os.path.join(run, "report.md")).read()
+  assert "| CoT, greedy | 1 |" in report and "chain-of-thought beats a direct answer" in report
+  for png in ("self_consistency.png", "rl_curves.png"):
+    assert f"({png})" in report
+    with open(os.path.join(run, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_heldout_question_reaches_training(micro_reasoning):
+  data = os.path.join(micro_reasoning, "task_data")
+  held = {p["question"] for p in _jsonl(os.path.join(data, "problems_heldout.jsonl"))}
+  trained = set()
+  for fmt in ("direct", "cot"):
+    trained |= {r["messages"][0]["content"] for r in _jsonl(os.path.join(data, f"sft_{fmt}.jsonl"))}
+  trained |= {r["prompt"] for r in _jsonl(os.path.join(data, "rl_prompts.jsonl"))}
+  trained |= {r["prompt"] for r in _jsonl(os.path.join(micro_reasoning, "orm_data", "train.jsonl"))}
+  pretrain = "".join(r["text"] for r in _jsonl(os.path.join(data, "pretrain_task.jsonl")))
+  assert held and trained and not held & trained
+  assert not any(f"Question: {q}\n" in pretrain for q in held)
+
+
+def test_stages_start_from_each_other_and_grpo_trains_on_the_verifier(micro_reasoning):
+  run = micro_reasoning
+  cfg = lambda s: json.load(open(os.path.join(run, s, "config.json")))
+  assert cfg("sft_cot")["train"]["init_from"] == os.path.join(run, "pretrain")
+  assert cfg("sft_cot")["data"]["source"] == f"chat_jsonl:{run}/task_data/sft_cot.jsonl"
+  assert cfg("grpo_cot")["train"]["init_from"] == os.path.join(run, "sft_cot")
+  assert cfg("grpo_cot")["rl"]["reward"] == f"verifier:{run}/task_data/rl_prompts.jsonl"
+  assert cfg("ppo_orm")["rl"]["reward_workdir"] == os.path.join(run, "orm")
+  rows = _jsonl(os.path.join(run, "grpo_cot", "rl_iterations.jsonl"))
+  assert rows and all(0.0 <= r["rl/score"] <= 1.0 for r in rows)
+  # The ORM's records pair correct and wrong replies of one problem.
+  recs = _jsonl(os.path.join(run, "orm_data", "train.jsonl"))
+  assert recs and all(set(r["ranks"]) == {0, 1} for r in recs)
+  assert all(ar.is_correct(x, ar.reference_answer(r["responses"][r["ranks"].index(1)]))
+             for r in recs for x in [r["responses"][r["ranks"].index(1)]])
+
+
+def test_the_verifier_is_an_rl_reward_by_configuration(tmp_path):
+  probs = ar.generate(["add-2d"], 4, split="train", seed=0)
+  path = tmp_path / "prompts.jsonl"
+  ar.write_jsonl(str(path), ar.prompt_records(probs))
+  scorer = rollout.TextScorer(rollout.make_reward_fn(f"verifier:{path}@0.5"))
+  comps = [probs[0].cot, "#### 0", "no answer", probs[3].target("direct") + "\n"]
+  got = scorer(prompt_texts=[p.question for p in probs], completion_texts=comps)
+  np.testing.assert_allclose(got, [1.5, 0.5 * float(probs[1].answer != 0), 0.0, 1.5])
+  with pytest.raises(ValueError, match="not in"):
+    scorer(prompt_texts=["What is 1 + 1?"], completion_texts=["#### 2"])
+
+
+def test_report_over_several_runs_uses_the_run_means(micro_reasoning, tmp_path):
+  res = json.load(open(os.path.join(micro_reasoning, "reason_eval.json")))
+  runs = []
+  for i, shift in enumerate((0.0, 0.5)):
+    r = json.loads(json.dumps(res))
+    for row in r["rows"]:
+      for cell in [row["overall"], *row["per_band"].values()]:
+        cell["acc"] = min(1.0, cell["acc"] + shift)
+    d = tmp_path / f"run{i}"
+    d.mkdir()
+    (d / "reason_eval.json").write_text(json.dumps(r))
+    runs.append(str(d))
+  path = reasoning_report.write(runs, str(tmp_path / "out"))
+  text = open(path).read()
+  assert "2 training seeds" in text
+  cell = reasoning_report.summarise(reasoning_report._cell_values(
+      reasoning_report.load(runs), "CoT, greedy", "all"))
+  base = next(r for r in res["rows"] if r["method"] == "CoT, greedy")["overall"]["acc"]
+  assert cell["runs"] == 2 and cell["acc"] == pytest.approx(base + 0.25)
+  assert cell["lo"] < cell["acc"] < cell["hi"]
+
+
+def test_findings_follow_the_intervals():
+  bands = ["add-1d", "add-4d"]
+  def row(method, accs):
+    per = {b: {"acc": a, "lo": a - 0.05, "hi": a + 0.05, "n": 100} for b, a in zip(bands, accs)}
+    return {"method": method, "budget": 1, "per_band": per,
+            "overall": {"acc": np.mean(accs), "lo": np.mean(accs) - 0.03,
+                        "hi": np.mean(accs) + 0.03, "n": 200}}
+  res = [{"rows": [row("direct, greedy", [0.9, 0.1]), row("CoT, greedy", [0.5, 0.6])]}]
+  [line] = reasoning_report.findings(res, bands, ["add-1d"])
+  assert "holds on add-4d" in line and "is reversed on add-1d" in line
+  assert "cannot be told apart on all" in line and "beyond training (add-4d)" in line
+
+
+def test_a_bad_gsm8k_file_stops_the_pipeline_with_one_line(tmp_path):
+  bad = tmp_path / "gsm8k.jsonl"
+  bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": "two"}\n')
+  proc = subprocess.run(reasoning_cmd(str(tmp_path / "run"), f"--config.task_data.gsm8k_test={bad}",
+                                      "--config.pipeline.stages=('task_data',)"),
+                        env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == (f"gptjax: data error: {bad}:2: field 'answer' does not end with "
+                                 "a '#### N' line (its last line is 'two')")
+
+
+def test_sampling_budget_and_greedy_checks():
+  with pytest.raises(ValueError, match="greedy"):
+    reasoning.sample((None, None, None), ["q"], n=2, temperature=0.0, max_new_tokens=4, seed=0)
