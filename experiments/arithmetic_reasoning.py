@@ -162,7 +162,7 @@ def reason_eval(preset: str):
   c = ml_collections.ConfigDict(dict(
       direct="{run}/sft_direct", cot="{run}/sft_cot", orm="{run}/orm",
       rl_stages={"grpo_cot": "{run}/grpo_cot", "ppo_orm": "{run}/ppo_orm"},
-      samples=16, ks=(1, 2, 4, 8, 16), table_ks=(4, 16), draws=16, temperature=1.0,
+      samples=16, ks=(1, 2, 4, 8, 16), table_ks=(8, 16), draws=16, temperature=1.0,
       # 100 new tokens: the longest chain of the beyond-training bands (mul-3d) is 94.
       rl_samples=8, curve_problems=8, max_new_tokens=100, direct_max_new_tokens=16,
       batch_size=512, seed=0))

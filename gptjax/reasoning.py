@@ -458,9 +458,11 @@ def training_curve(cfg, e, name: str, workdir: str, probs) -> list[dict]:
     s = sample(pol, [p.question for p in subset], n=m, temperature=e.temperature,
                max_new_tokens=e.max_new_tokens, seed=e.seed + 17, batch_size=e.batch_size)
     c = [[ar.is_correct(t, p.answer) for t in row] for row, p in zip(s["texts"], subset)]
-    point = {"step": step,
-             "pass@1": float(np.mean([ar.pass_at_k(m, int(sum(x)), 1) for x in c])),
-             f"pass@{m}": float(np.mean([ar.pass_at_k(m, int(sum(x)), m) for x in c])),
+    p1 = np.asarray([ar.pass_at_k(m, int(sum(x)), 1) for x in c])
+    pk = np.asarray([ar.pass_at_k(m, int(sum(x)), m) for x in c])
+    se = lambda v: float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    point = {"step": step, "pass@1": float(p1.mean()), "pass@1_se": se(p1),
+             f"pass@{m}": float(pk.mean()), f"pass@{m}_se": se(pk),
              "mean_tokens": float(np.mean(s["lengths"])), "problems": len(subset)}
     done = step // steps_per_iteration
     if done and logged:

@@ -24,6 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gptjax.tasks import arithmetic as ar  # noqa: E402
+
 RESULTS_FILE = "reason_eval.json"
 
 # Two-sided 95% Student t quantiles for n-1 degrees of freedom (n runs).
@@ -176,16 +178,21 @@ def _curve_plot(results, bands, train_bands, path) -> None:
           cells = [row["overall"]] if group is None else [row["per_band"][b] for b in group
                                                          if b in row["per_band"]]
           n = sum(c["n"] for c in cells)
+          pooled_n = n
           vals.append(sum(c["acc"] * c["n"] for c in cells) / n if n else np.nan)
         per_run.append(vals)
       if not per_run:
         continue
       arr = np.asarray(per_run)
       mean = arr.mean(0)
-      ax.plot(ks, mean, style, label=label, markersize=4)
+      line, = ax.plot(ks, mean, style, label=label, markersize=4)
       if len(per_run) > 1:
         half = _T95.get(len(per_run), 1.96) * arr.std(0, ddof=1) / math.sqrt(len(per_run))
-        ax.fill_between(ks, mean - half, mean + half, alpha=0.2)
+        lo, hi = mean - half, mean + half
+      else:
+        # One run: the Wilson interval over the problems pooled in the panel.
+        lo, hi = zip(*[ar.wilson_interval(a * pooled_n, pooled_n) for a in mean])
+      ax.fill_between(ks, lo, hi, alpha=0.15, color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k sampled chains")
     ax.set_ylabel("held-out accuracy")
@@ -209,11 +216,16 @@ def _rl_plot(results, path) -> bool:
         continue
       steps = [p["step"] for p in pts]
       k = [key for key in pts[0] if key.startswith("pass@") and key != "pass@1"]
+      k = [key for key in k if not key.endswith("_se")]
       label = name if i == 0 else None
-      line, = axes[0].plot(steps, [p["pass@1"] for p in pts], "o-", label=label, markersize=3)
+      # Error bars: ±1.96 standard errors over the subset's problems.
+      err = lambda key: [1.96 * p.get(key + "_se", 0.0) for p in pts]
+      line = axes[0].errorbar(steps, [p["pass@1"] for p in pts], yerr=err("pass@1"), fmt="o-",
+                              label=label, markersize=3, capsize=2).lines[0]
       if k:
-        axes[1].plot(steps, [p[k[0]] for p in pts], "o-", color=line.get_color(),
-                     label=f"{name} {k[0]}" if i == 0 else None, markersize=3)
+        axes[1].errorbar(steps, [p[k[0]] for p in pts], yerr=err(k[0]), fmt="o-",
+                         color=line.get_color(), label=f"{name} {k[0]}" if i == 0 else None,
+                         markersize=3, capsize=2)
       axes[2].plot(steps, [p["mean_tokens"] for p in pts], "o-", color=line.get_color(),
                    label=label, markersize=3)
   for ax, title in zip(axes, ("pass@1 (held-out subset)", "pass@k (held-out subset)",
@@ -260,7 +272,7 @@ def write(run_dirs, out_dir: str) -> str:
     for name, pts in results[0]["curves"].items():
       if name == "cot_sampling":
         continue
-      keys = [k for k in pts[0] if k != "problems"]
+      keys = [k for k in pts[0] if k != "problems" and not k.endswith("_se")]
       lines += [f"**{name}**", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
       for p in pts:
         lines.append("| " + " | ".join(f"{p[k]:.3f}" if isinstance(p.get(k), float) else
