@@ -135,18 +135,9 @@ def tokenizer_stage(cfg, run_dir: str, progress: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def load_policy(workdir: str, step: int | None = None):
-  """(GPT, params, tokenizer) of any stage's policy at `step` (default: the last). An RL run with
-  a separate critic stores {'policy', 'critic'}; only the policy is read."""
-  import flax.linen as nn
-  from gptjax import config as config_lib
-  from gptjax.model import GPT
-  cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
-  model = GPT(config_lib.model_config(cfg))
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(
-      model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
-  critic = cfg.get("rl", {}).get("value_model") == "critic"
-  params = ckpt_lib.restore_params(workdir, {"policy": abstract} if critic else abstract, step)
-  return model, (params["policy"] if critic else params), tokenizers.load_tokenizer(workdir)
+  """(GPT, params, tokenizer) of any stage's policy at `step` (default: the last); of an
+  actor-critic PPO run, the policy alone."""
+  return ckpt_lib.load_for_inference(workdir, step)[:3]
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
