@@ -147,7 +147,9 @@ def rl_config(preset: str, algo: str):
   if preset == "micro":
     c.rl.update(prompt_len=64, max_new_tokens=48, iterations=2, max_prompts=64)
   else:
-    c.rl.update(prompt_len=112, max_new_tokens=80,
+    # 2048 prompts (bands interleaved) are more than 30 iterations draw; reading all 9000
+    # through the prompts source would only cost time.
+    c.rl.update(prompt_len=112, max_new_tokens=80, max_prompts=2048,
                 iterations=30 if algo == "grpo" else 20)
   per_iteration = c.rl.epochs * (c.rl.prompts_per_iteration * c.rl.group_size
                                  // c.train.batch_size)
