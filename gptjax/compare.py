@@ -21,7 +21,7 @@ def _done(run_dir: str, name: str) -> bool:
   return os.path.exists(os.path.join(run_dir, name, "done.json"))
 
 
-def run(cfg, run_dir: str) -> dict:
+def run(cfg, run_dir: str, *, progress: bool = False) -> dict:
   pc = cfg.pipeline
   ppo_cfg = cfg.ppo
   d = lambda name: os.path.join(run_dir, name)
@@ -44,10 +44,13 @@ def run(cfg, run_dir: str) -> dict:
       # simply continues the document, which is the point of showing it.
       loaded = (loaded[0], loaded[1], tok)
     # The RM scores every policy's kept replies (proxy_mean); sampling does not depend on it.
-    results[name] = rl_stage.evaluate_policy(loaded, scorer=scorer, label=name, **common)
+    bar = (lambda label: f"compare: {label}") if progress else (lambda label: "")
+    results[name] = rl_stage.evaluate_policy(loaded, scorer=scorer, label=name,
+                                             progress=bar(name), **common)
     if name == "sft":
       results["best-of-16"] = rl_stage.evaluate_policy(loaded, scorer=scorer, best_of=16,
-                                                       label="best-of-16", **common)
+                                                       label="best-of-16",
+                                                       progress=bar("best-of-16"), **common)
   ordered = ["base", "sft", "best-of-16", *pipeline.COMPARED]
   out_policies = {}
   for name in ordered:

@@ -187,3 +187,12 @@ def rank_correlation(x, y) -> float | None:
   if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return None
   return float(stats.spearmanr(x, y).statistic)
+
+
+def batch_bar(desc: str, total: int):
+  """A console progress bar over `total` host-driven batches (sampling, scoring), or None when
+  `desc` is empty (progress off) or on processes other than 0."""
+  if not desc or jax.process_index() != 0:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=0.5)

@@ -199,7 +199,8 @@ def _rm_data(cfg, run_dir, progress):
   out = stage_dir(run_dir, "rm_data")
   _set(c, "rm_data.out_dir", out)
   c.lock()
-  files = rm_data.generate(c, sft_workdir=stage_dir(run_dir, "sft"), out_dir=out)
+  files = rm_data.generate(c, sft_workdir=stage_dir(run_dir, "sft"), out_dir=out,
+                           progress=progress)
   with open(os.path.join(out, "files.json"), "w") as f:
     json.dump(files, f, indent=2)
   return {"files": files}
@@ -207,7 +208,7 @@ def _rm_data(cfg, run_dir, progress):
 
 def _compare(cfg, run_dir, progress):
   from gptjax import compare
-  return compare.run(cfg, run_dir)
+  return compare.run(cfg, run_dir, progress=progress)
 
 
 def _report(cfg, run_dir, progress):
@@ -234,6 +235,111 @@ STAGE_FNS = {
 def _read_json(path):
   with open(path) as f:
     return json.load(f)
+
+
+# ------------------------------------------------------------------- what the console says --
+
+def _read_json_or_none(path):
+  try:
+    return _read_json(path)
+  except (OSError, ValueError):
+    return None
+
+
+def _last_line(path):
+  try:
+    with open(path) as f:
+      lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+  except (OSError, ValueError):
+    return None
+
+
+def _fmt(parts) -> str:
+  return ", ".join(f"{label} {value:.3f}" if isinstance(value, float) else f"{label} {value}"
+                   for label, value in parts if value is not None)
+
+
+def stage_summary(run_dir: str, name: str, info: dict) -> str:
+  """The one line that says what a finished stage produced (the figures the report card
+  shows), read from the files it wrote."""
+  d = stage_dir(run_dir, name)
+  final = info.get("final_metrics") or {}
+  ev = _read_json_or_none(os.path.join(d, "eval.json")) or {}
+  if name == "tokenizer":
+    parts = [("vocabulary", info.get("vocab_size"))]
+  elif name == "pretrain":
+    parts = [("train loss", final.get("train/loss")), ("held-out loss", final.get("eval/loss"))]
+  elif name == "sft":
+    parts = [("held-out loss", ev.get("eval/loss")),
+             ("replies ending their turn", ev.get("end_of_turn_fraction"))]
+  elif name == "rm_data":
+    m = _read_json_or_none(os.path.join(d, "manifest.json")) or {}
+    parts = [(f"{split} prompts", c.get("prompts")) for split, c in m.get("counts", {}).items()]
+    parts += [(f"{split} mean gold", c.get("mean_gold"))
+              for split, c in m.get("counts", {}).items()]
+  elif name == "reward":
+    parts = [("held-out accuracy", ev.get("accuracy_noisy")),
+             ("vs the noiseless labeler", ev.get("accuracy_noiseless")),
+             ("Spearman with gold", ev.get("spearman_gold"))]
+  elif name in RL_STAGES:
+    last = _last_line(os.path.join(d, "rl_iterations.jsonl")) or {}
+    parts = [("last iteration: RM score", last.get("rl/score")),
+             ("gold", last.get("rl/gold_score")), ("KL", last.get("rl/kl")),
+             ("held-out gold", ev.get("gold_mean")), ("KL to SFT", ev.get("kl_to_ref"))]
+  elif name == "dpo":
+    parts = [("preference accuracy", final.get("dpo/accuracy")),
+             ("margin", final.get("dpo/margin")), ("held-out gold", ev.get("gold_mean"))]
+  elif name == "compare":
+    c = _read_json_or_none(os.path.join(run_dir, "compare.json")) or {}
+    parts = [(f"{p} gold", r.get("gold_mean")) for p, r in c.get("policies", {}).items()]
+  else:
+    parts = []
+  return _fmt(parts)
+
+
+def _stage_work(cfg, name: str):
+  """(kind, amount of work) of a stage, from its config alone, for the ETA: tokens trained for
+  the supervised stages, tokens sampled and trained on for the online RL ones."""
+  if name in ("pretrain", "sft", "reward", "dpo"):
+    c = cfg[name]
+    pairs = 2 if name == "dpo" else 1
+    return "train", c.train.steps * c.train.batch_size * c.data.seq_len * pairs
+  if name in RL_STAGES:
+    r = cfg[name].rl
+    rollouts = r.iterations * r.prompts_per_iteration * max(r.group_size, 1)
+    return "rl", rollouts * (r.prompt_len + r.max_new_tokens) * (1 + r.epochs)
+  return None, 0
+
+
+def eta_line(cfg, run_dir: str, remaining: list[str]) -> str | None:
+  """The time the remaining stages should take at the seconds per unit of work that this run's
+  finished stages of the same kind measured (wall time, compilation included)."""
+  rates = {}
+  for name in STAGE_FNS:
+    kind, work = _stage_work(cfg, name)
+    if kind and work and is_done(run_dir, name):
+      wall = (_read_json_or_none(os.path.join(stage_dir(run_dir, name), DONE_FILE)) or {}
+              ).get("wall_s")
+      if wall:
+        rates.setdefault(kind, []).append(wall / work)
+  total, unknown = 0.0, []
+  for name in remaining:
+    kind, work = _stage_work(cfg, name)
+    if not kind:
+      continue
+    if kind not in rates:
+      unknown.append(name)
+      continue
+    total += work * sorted(rates[kind])[len(rates[kind]) // 2]
+  if not total and not unknown:
+    return None
+  if not total:
+    return (f"ETA: known once a stage like {unknown[0]} has finished (from its measured speed)")
+  line = f"ETA: about {max(total / 60, 1):.0f} min for the remaining training stages"
+  if unknown:
+    line += f", plus {', '.join(unknown)} (no stage of their kind has finished yet)"
+  return line
 
 
 def environment() -> dict:
@@ -308,13 +414,21 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
     info["wall_s"] = time.time() - t0
     info["config"] = fingerprint
     _mark_done(run_dir, name, info)
-    print(f"[pipeline] {name}: done in {info['wall_s']:.1f}s", flush=True)
+    summary = stage_summary(run_dir, name, info)
+    print(f"[pipeline] {name}: done in {info['wall_s']:.1f}s" + (f"; {summary}" if summary
+                                                                 else ""), flush=True)
+    eta = eta_line(cfg, run_dir, stages[i + 1:])
+    if eta:
+      print(f"[pipeline] {eta}", flush=True)
     if stop and i + 1 < len(stages):
       # The signal came after the stage's last step: the stage is complete and kept, and the
       # pipeline stops as asked instead of starting the next one.
       print(f"[pipeline] stopping after {name}, as a signal asked; run the same command again to "
             "go on", flush=True)
       return 143
+  if "report" in stages and is_done(run_dir, "report"):
+    print(f"[pipeline] finished; the report card is "
+          f"{read_done(run_dir, 'report').get('report')}", flush=True)
   return 0
 
 

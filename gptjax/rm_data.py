@@ -90,14 +90,15 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 def sample_and_label(model, params, tok, prompts: list[list[dict]], *, k: int, seed: int,
                      reply_tokens: int, max_len: int, temperature: float, top_k: int,
-                     labeler_temperature: float, batch_size: int, ties: bool = True
-                     ) -> list[dict]:
+                     labeler_temperature: float, batch_size: int, ties: bool = True,
+                     progress: str = "") -> list[dict]:
   """K sampled replies per prompt, scored and ranked by the labeler; one record per prompt."""
   ids, kept = sft_stage.fit_prompts(prompts, tok, max_len=max_len, reply_tokens=reply_tokens)
   repeated = [p for p in ids for _ in range(k)]
   replies, ended = sft_stage.sample_replies(model, params, tok, repeated, seed=seed,
                                             max_new_tokens=reply_tokens, temperature=temperature,
-                                            top_k=top_k, batch_size=batch_size)
+                                            top_k=top_k, batch_size=batch_size,
+                                            progress=progress)
   texts = [chat.parse_reply(r, tok) for r in replies]
   scores = labeler.gold_score(texts).reshape(len(ids), k)
   ranks = labeler.noisy_ranking(scores, temperature=labeler_temperature,
@@ -116,7 +117,7 @@ def sample_and_label(model, params, tok, prompts: list[list[dict]], *, k: int, s
   return records
 
 
-def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
+def generate(cfg, *, sft_workdir: str, out_dir: str, progress: bool = False) -> dict:
   """Writes train.jsonl and validation.jsonl under `out_dir` (skipped when already complete)."""
   paths = {s: os.path.join(out_dir, f"{s}.jsonl") for s in ("train", "validation")}
   request = _request(cfg, sft_workdir)
@@ -128,7 +129,9 @@ def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
       manifest = json.load(f)
     complete = manifest.get("digest") == digest and all(os.path.exists(p) for p in paths.values())
   if sharding.process_zero_decides(complete):
-    print(f"[{out_dir}] preference data already generated; reusing it", flush=True)
+    # The usual path in the pipeline (the rm_data stage wrote these files for the reward stage).
+    print(f"[{out_dir}] reading the preference data sampled earlier from {sft_workdir}",
+          flush=True)
     return paths
   os.makedirs(out_dir, exist_ok=True)
   r = cfg.rm_data
@@ -140,7 +143,8 @@ def generate(cfg, *, sft_workdir: str, out_dir: str) -> dict:
         model, params, tok, prompts, k=r.replies_per_prompt, seed=cfg.seed * 1000 + offset,
         reply_tokens=cfg.sft.reply_tokens, max_len=sft_cfg.model.max_len,
         temperature=r.temperature, top_k=r.top_k, labeler_temperature=r.labeler_temperature,
-        batch_size=r.batch_size, ties=r.labeler_ties)
+        batch_size=r.batch_size, ties=r.labeler_ties,
+        progress=f"rm_data: sampling {split} replies" if progress else "")
     counts[split] = {"prompts": len(records),
                      "replies": sum(len(x["responses"]) for x in records),
                      "ended_fraction": float(np.mean([e for x in records for e in x["ended"]])),

@@ -156,6 +156,7 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
   timings = {"compile_s": 0.0, "train_s": 0.0, "tokens": 0, "steps": 0}
   window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
   last_logged = {}
+  rl_post = {}
   pending_source_metrics = {}
   safe = getattr(source, "checkpoint_safe", lambda: True)
   save_due = False
@@ -198,6 +199,12 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
         last_logged = metrics
         if bar is not None:
           post = {"loss": f"{metrics['train/loss']:.4f}"}
+          # What an RL run is for: the RM's score, the gold labeler's and the KL to the reference
+          # (logged once per iteration by the rollout source; the last value stays shown).
+          for key, short in (("rl/score", "score"), ("rl/gold_score", "gold"), ("rl/kl", "kl")):
+            if key in metrics:
+              rl_post[short] = f"{metrics[key]:.3f}"
+          post.update(rl_post)
           if "perf/tokens_per_sec" in metrics:
             post["tok/s"] = f"{metrics['perf/tokens_per_sec']:.0f}"
           if "perf/mfu" in metrics:

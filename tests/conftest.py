@@ -124,6 +124,9 @@ def micro_pipeline(tmp_path_factory):
   if proc.returncode != 0:
     pytest.fail(f"micro pipeline failed ({proc.returncode})\n{proc.stdout[-4000:]}\n"
                 f"{proc.stderr[-4000:]}")
+  # What a person saw on the console, for the tests of what the pipeline says.
+  with open(os.path.join(os.path.dirname(run_dir), "console.txt"), "w") as f:
+    f.write(proc.stdout + proc.stderr)
   return run_dir
 
 

@@ -165,3 +165,22 @@ def test_a_signal_after_a_stages_last_step_stops_the_pipeline_before_the_next(tm
   assert not os.path.exists(os.path.join(run, "sft"))
   # The default SIGTERM action is back once the stage is over.
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_the_console_sums_up_each_stage_and_ends_with_the_report(micro_pipeline):
+  """One summary line per stage with its figures, an ETA from the measured speeds, the report
+  card's path last, and none of the library messages that mislead (a download that does not
+  happen; a reuse announced seconds after the data were made)."""
+  import re
+  console = open(os.path.join(os.path.dirname(micro_pipeline), "console.txt")).read()
+  for stage in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
+                "ppo_beta0", "compare"):
+    line = re.search(rf"^\[pipeline\] {stage}: done in [0-9.]+s; (.*)$", console, re.M)
+    assert line and re.search(r"\d", line.group(1)), (stage, console[-3000:])
+  ppo = re.search(r"^\[pipeline\] ppo: done in .*$", console, re.M).group(0)
+  assert "RM score" in ppo and "KL" in ppo and "held-out gold" in ppo, ppo
+  etas = re.findall(r"^\[pipeline\] ETA: about (\d+) min", console, re.M)
+  assert etas, console[-3000:]
+  assert console.rstrip().splitlines()[-1] == (
+      f"[pipeline] finished; the report card is {os.path.join(micro_pipeline, 'report.md')}")
+  assert "Downloading and preparing" not in console and "already generated" not in console

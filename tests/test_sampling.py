@@ -428,3 +428,22 @@ def test_chat_cli_acknowledges_system_and_reset(fake_workdir):
   assert out[1:] == ["(system message set: be brief)\n",
                      "(conversation cleared; the system message is kept)\n",
                      "(system message cleared)\n"]
+
+
+def test_sample_replies_shows_a_bar_over_its_batches_only_when_asked(capsys):
+  """rm_data, the RM's best-of-N and the comparison sample for minutes; each shows a bar."""
+  from gptjax.data.tokenizers import CharTokenizer
+  from gptjax.stages import sft
+  tok = CharTokenizer("abc ")
+  model = GPT(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=16,
+                          max_len=32))
+  params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 4), jnp.int32))["params"]))(
+      jax.random.key(0))
+  prompts = [[tok.bos_id] + tok.encode("ab")] * 6
+  quiet = sft.sample_replies(model, params, tok, prompts, seed=0, max_new_tokens=3, batch_size=2)
+  assert capsys.readouterr().err == ""
+  shown = sft.sample_replies(model, params, tok, prompts, seed=0, max_new_tokens=3, batch_size=2,
+                             progress="rm_data: sampling train replies")
+  err = capsys.readouterr().err
+  assert "rm_data: sampling train replies" in err and "3/3" in err, err
+  assert quiet[0] == shown[0]

@@ -86,12 +86,27 @@ def _quiet_tfds():
   return tfds
 
 
+def _download_and_prepare(builder) -> None:
+  """TFDS prints "Downloading and preparing dataset Unknown size ..." even for a builder that
+  downloads nothing (ours read embedded or local files); that line is replaced by a true one.
+  A builder with a known download size keeps TFDS's own messages: its sizes are worth seeing."""
+  if builder.is_prepared() or builder.info.download_size:
+    builder.download_and_prepare(file_format="array_record")
+    return
+  import contextlib
+  import io
+  print(f"[data] preparing the {builder.name} dataset from local data in {builder.data_dir} "
+        "(once; later runs read it)", flush=True)
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(file_format="array_record")
+
+
 def _prepared(make_builder, *, spec: str, split: str) -> Source:
   # TFDS writes into a temporary folder and renames it at the end, so an interrupted build is
   # never mistaken for a finished one.
   builder = make_builder()
   try:
-    builder.download_and_prepare(file_format="array_record")
+    _download_and_prepare(builder)
   except FileExistsError:
     # Processes that share a data_dir (several on one machine, or a shared disk) may build the
     # same dataset at once; the one whose rename comes second finds a finished copy in place (a

@@ -394,7 +394,8 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   report["normalization"] = norm
   report.update(held_out_report(val_recs, scores_of(val_recs) + bias))
   if cfg.data.source == "generated" and cfg.reward.best_of_n_prompts:
-    report["best_of_n"] = best_of_n(cfg, env.model, add_head_bias(params, bias), tok, score_fn)
+    report["best_of_n"] = best_of_n(cfg, env.model, add_head_bias(params, bias), tok, score_fn,
+                                    progress=progress)
   if jax.process_index() == 0:
     sft_stage.write_json(eval_path, report)
   msg = (f"[{workdir}] RM eval: held-out accuracy {report['accuracy_noisy']:.1%} vs noisy labels"
@@ -436,7 +437,8 @@ def held_out_report(recs: list[dict], flat_scores: np.ndarray) -> dict:
   return out
 
 
-def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16)) -> dict:
+def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16), *,
+              progress: bool = False) -> dict:
   """Mean gold score of the reply the reward model picks among the first N SFT samples per
   held-out prompt, for each N (the same samples for every N, so the curve is paired)."""
   r = cfg.reward
@@ -450,7 +452,8 @@ def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16)) -> dict:
   replies, _ = sft_stage.sample_replies(
       sft_model, sft_params, tok, repeated, seed=cfg.seed + 11,
       max_new_tokens=cfg.sft.reply_tokens, temperature=cfg.rm_data.temperature,
-      top_k=cfg.rm_data.top_k, batch_size=cfg.rm_data.batch_size)
+      top_k=cfg.rm_data.top_k, batch_size=cfg.rm_data.batch_size,
+      progress="reward: best-of-N samples" if progress else "")
   gold = labeler.gold_score([chat.parse_reply(x, tok) for x in replies]).reshape(len(ids), n_max)
   seqs = [sequence_ids(p, x, seq_len=cfg.data.seq_len) for p, x in zip(repeated, replies)]
   rm = score_sequences(score_fn, params, seqs, seq_len=cfg.data.seq_len,

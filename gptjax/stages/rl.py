@@ -25,6 +25,7 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import metrics as metrics_lib
 from gptjax import sampling
 from gptjax import sharding as shd
 from gptjax import trainer
@@ -341,7 +342,8 @@ def _as_policy(p):
 def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32,
                     temperature: float = 0.7, prompt_len: int = 32, seed: int = 1234,
                     best_of: int = 1, scorer=None, batch_size: int = 64,
-                    out_dir: str | None = None, label: str = "", num_samples: int = 16) -> dict:
+                    out_dir: str | None = None, label: str = "", num_samples: int = 16,
+                    progress: str = "") -> dict:
   """Samples one reply per held-out prompt and measures it against the gold labeler.
 
   policy, reference: a workdir or (model, params[, tokenizer]); the reference (SFT) gives the
@@ -395,6 +397,8 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
       lr = sampling.completion_logprobs(ref[0], ref_params, out, temperature=temperature)
       kl = shd.to_host(jnp.sum(lp - lr, axis=1)).astype(np.float32)
     pad = batch_size - len(pick)
+    if bar is not None:
+      bar.update(1)
     return {"comp": np.pad(comp[pick], ((0, pad), (0, 0))),
             "mask": np.pad(mask[pick], ((0, pad), (0, 0))),
             "kl": np.pad(kl, (0, pad)), "proxy": np.pad(s[pick], (0, pad)),
@@ -406,9 +410,12 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   text_scorer = scorer is None or isinstance(scorer, rollout_lib.TextScorer)
   movable = text_scorer or hasattr(scorer, "with_params")
   scorer_params = scorer.params if movable and not text_scorer else None
+  bar = metrics_lib.batch_bar(progress, len(starts))
   batches = shd.map_batches(
       one_batch, len(starts), (params, ref[1] if ref is not None else None, scorer_params),
       splittable=movable)
+  if bar is not None:
+    bar.close()
   replies, kls, has_eos, proxy = [], [], [], []
   for r in batches:
     comp, mask = r["comp"][:r["n"]], r["mask"][:r["n"]]

@@ -41,6 +41,7 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import sampling
 from gptjax import sharding as shd
@@ -213,8 +214,10 @@ class PackedSource(common.LoaderSource):
 
 def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int,
                    max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   batch_size: int = 256) -> tuple[list[list[int]], np.ndarray]:
+                   batch_size: int = 256, progress: str = ""
+                   ) -> tuple[list[list[int]], np.ndarray]:
   """One reply per prompt. Returns (completion ids with the stop token, did it end [N] bool).
+  `progress`: the label of a console bar over the batches ("" = none).
 
   Prompts are padded to one width and batches to one size, so the sampler compiles once; each
   batch's key is folded from `seed` and the batch index, so results do not depend on what else
@@ -236,11 +239,17 @@ def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int
                             rng=jax.random.fold_in(jax.random.key(seed), b),
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             eos_ids=stops, pad_id=tok.pad_id)
-    return tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
+    got = tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
+    if bar is not None:
+      bar.update(1)
+    return got
 
   # With parameters whole on each process, each samples its share of the batches; a batch's key
   # depends on its index only, so the replies equal one process's.
+  bar = metrics_lib.batch_bar(progress, -(-n // rows))
   batches = shd.map_batches(one_batch, -(-n // rows), params)
+  if bar is not None:
+    bar.close()
   replies, ended = [], []
   for b, (comp, mask) in enumerate(batches):
     for i in range(min(rows, n - b * rows)):
