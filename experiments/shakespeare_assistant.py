@@ -65,7 +65,9 @@ def get_config(arg=None):
   c.pipeline.stages = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "compare",
                        "report")
   c.pipeline.num_eval_prompts = {"micro": 8, "tiny": 256, "gpu": 512, "tpu": 512}[preset]
-  c.pipeline.best_of_n = (1, 2, 4, 8, 16) if preset != "micro" else (1, 2, 4)
+  # The comparison's best-of-N curve (one set of max(N) SFT replies per prompt, reused for each N);
+  # its N = 16 point is the results table's best-of-16 row.
+  c.pipeline.best_of_n = (1, 2, 4, 8, 16, 32, 64) if preset != "micro" else (1, 4, 16)
   c.pipeline.num_side_by_side = 4
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind="bpe", vocab_size={"micro": 320, "tiny": 1024, "gpu": 4096, "tpu": 4096}[preset]))

@@ -13,6 +13,7 @@ import os
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")       # headless: no display on CI machines or TPU VMs
 import matplotlib.pyplot as plt  # noqa: E402
@@ -108,28 +109,99 @@ def _bar(run_dir, compare, fname):
   return fname
 
 
+BEST_OF_N_DEFINITION = (
+    "Best-of-N, here and in the table: for each held-out prompt, N replies are sampled from SFT "
+    "with the same prompts, temperature and reply length as every other row, and the one the RM "
+    "scores highest is kept; its KL to SFT is the analytic log N − (N−1)/N. The curve reuses one "
+    "set of 64 replies per prompt for every N, and its N = 16 point is the table's best-of-16 row. "
+    "The oracle keeps the reply with the highest gold score instead: the most reranking can give.")
+
+
 def _bon(run_dir, compare, fname):
   curve = (compare or {}).get("best_of_n")
   if not curve:
     return None
   ns = [int(n) for n in curve["n"]]
-  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
   ax.errorbar(ns, curve["gold_mean"], yerr=curve.get("gold_se"), marker="o", capsize=3,
-              label="gold (VADER)")
+              label="gold of the RM's pick")
   if curve.get("oracle_gold"):
     ax.plot(ns, curve["oracle_gold"], marker="^", ls="--", color="gray",
             label="oracle (pick by gold)")
   ax.legend(fontsize=7, loc="upper left")
-  if "rm_mean" in curve:
-    ax2 = ax.twinx()
-    ax2.plot(ns, curve["rm_mean"], marker="s", color="#dd8452", label="RM score")
-    ax2.set_ylabel("RM score", color="#dd8452")
   ax.set_xscale("log", base=2)
   ax.set_xticks(ns, [str(n) for n in ns])
-  ax.set_xlabel("N (samples reranked by the reward model)")
-  ax.set_ylabel("gold score of the chosen reply")
+  ax.set_xlabel("N (SFT replies per prompt, reranked by the RM)")
+  ax.set_ylabel("gold VADER score (mean ± s.e.)")
   ax.set_title("Best-of-N")
   ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(run_dir, fname), dpi=110)
+  plt.close(fig)
+  return fname
+
+
+RL_QUANTITIES = (("rl/score", "RM score (proxy)"), ("rl/gold_score", "gold VADER score"),
+                 ("rl/kl", "KL to SFT (nats)"))
+
+
+def _rl_curves(run_dir, stages, fname):
+  """One panel per quantity (their scales differ: RM units, gold in [−1, 1], nats), one line per
+  RL stage, against the RL iteration, from each stage's rl_iterations.jsonl."""
+  runs = {s: [r for r in _load_jsonl(os.path.join(run_dir, s, "rl_iterations.jsonl"))
+              if "rl/iteration" in r] for s in stages}
+  runs = {s: rows for s, rows in runs.items() if rows}
+  panels = [(k, label) for k, label in RL_QUANTITIES
+            if any(k in r for rows in runs.values() for r in rows)]
+  if not panels:
+    return None
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  for ax, (key, label) in zip(axes[0], panels):
+    for i, (stage, rows) in enumerate(runs.items()):
+      pts = [(r["rl/iteration"], r[key]) for r in rows if key in r]
+      if pts:
+        ax.plot(*zip(*pts), color=f"C{i}", label=stage, marker="o" if len(pts) < 15 else None,
+                markersize=3)
+    ax.set_xlabel("RL iteration")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(label)
+    ax.set_title(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("RL: each iteration's samples on its training prompts")
+  fig.tight_layout()
+  fig.savefig(os.path.join(run_dir, fname), dpi=110)
+  plt.close(fig)
+  return fname
+
+
+def _frontier(run_dir, compare, fname):
+  """Gold against KL to SFT on one axis (Gao et al. 2022): RL, DPO, and best-of-N for every N,
+  all on the same held-out prompts; the fair comparison of how much gold each buys per nat."""
+  policies = (compare or {}).get("policies", {})
+  curve = (compare or {}).get("best_of_n")
+  points = {n: p for n, p in policies.items()
+            if n not in ("base",) and not n.startswith("best-of-")
+            and p.get("kl_to_sft") is not None and p.get("gold_mean") is not None}
+  if not points and not curve:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if curve and curve.get("kl"):
+    ax.errorbar(curve["kl"], curve["gold_mean"], yerr=curve.get("gold_se"), marker="o",
+                color="gray", capsize=2, label="best-of-N (N = " + ", ".join(
+                    str(n) for n in curve["n"]) + ")")
+    for n, x, y in zip(curve["n"], curve["kl"], curve["gold_mean"]):
+      ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                  color="gray")
+  for i, (name, p) in enumerate(points.items()):
+    ax.errorbar([p["kl_to_sft"]], [p["gold_mean"]], yerr=[p.get("gold_se") or 0.0],
+                marker="s", ls="none", capsize=3, color=f"C{i}", label=name)
+  ax.set_xscale("symlog", linthresh=1.0)
+  ax.set_xlabel("KL to SFT (nats; symlog scale)")
+  ax.set_ylabel("gold VADER score (mean ± s.e.)")
+  ax.set_title("Gold against KL on held-out prompts")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
   fig.tight_layout()
   fig.savefig(os.path.join(run_dir, fname), dpi=110)
   plt.close(fig)
@@ -223,11 +295,18 @@ def write(run_dir: str) -> str:
       lines += [f"![gold score by stage]({bar})", ""]
     bon = _bon(run_dir, compare, "best_of_n.png")
     if bon:
-      lines += ["Best-of-N: sample N replies from SFT and keep the one the RM scores highest. "
-                "If the RM has learned the labeler's preference, the gold score rises with N.", "",
-                f"![best of N]({bon})", ""]
+      lines += [BEST_OF_N_DEFINITION + " If the RM has learned the labeler's preference, the "
+                "gold score rises with N.", "", f"![best of N]({bon})", ""]
+    frontier = _frontier(run_dir, compare, "gold_vs_kl.png")
+    if frontier:
+      lines += ["Gold against KL to SFT, every policy on the same held-out prompts: the fair "
+                "comparison of RL, DPO and best-of-N (Gao et al. 2022), since each buys gold by "
+                "moving away from SFT.", "", f"![gold against KL]({frontier})", ""]
 
-  loss = _plot_curves(run_dir, stages, loss_keys, "Loss curves", "losses.png", "loss")
+  # The online RL stages' loss is a surrogate whose value says nothing of progress (it hovers
+  # around zero by construction); their curves are the RL section's.
+  loss_stages = [s for s in stages if s not in pipeline.RL_STAGES]
+  loss = _plot_curves(run_dir, loss_stages, loss_keys, "Loss curves", "losses.png", "loss")
   if loss:
     lines += ["## Training curves", "", f"![losses]({loss})", ""]
   rm = _plot_curves(run_dir, ["reward"], rm_keys,
@@ -243,12 +322,12 @@ def write(run_dir: str) -> str:
                 if isinstance(v, (int, float))]
       lines.append("")
   rl_stages = [s for s in pipeline.RL_STAGES if s in stages]
-  rl = _plot_curves(run_dir, rl_stages,
-                    lambda s: ["rl/score", "rl/gold_score", "rl/kl"], "RL curves", "rl.png")
+  rl = _rl_curves(run_dir, rl_stages, "rl.png")
   if rl:
     lines += ["## Reinforcement learning", "",
-              "`rl/score` is the RM's (proxy) score, `rl/gold_score` the labeler's, `rl/kl` the KL "
-              "to the SFT reference.", "", f"![rl]({rl})", ""]
+              "Per RL iteration, on that iteration's samples of its training prompts: the RM's "
+              "(proxy) score, the labeler's gold score, and the KL to the SFT reference.", "",
+              f"![rl]({rl})", ""]
   over = "overopt.png" if "ppo_beta0" in stages and overopt_plot(
       os.path.join(run_dir, "overopt.png"),
       {s: os.path.join(run_dir, s) for s in ("ppo", "ppo_beta0") if s in stages}) else None

@@ -37,7 +37,8 @@ def test_pipeline_produces_every_stage_and_the_report_card(micro_pipeline):
   beta0 = [json.loads(l) for l in open(os.path.join(run, "ppo_beta0", "rl_iterations.jsonl"))]
   assert beta0 and all(r["rl/beta"] == 0.0 and "rl/gold_score" in r for r in beta0)
   report = open(os.path.join(run, "report.md")).read()
-  for png in ("losses.png", "gold_by_stage.png", "best_of_n.png", "rl.png", "overopt.png"):
+  for png in ("losses.png", "gold_by_stage.png", "best_of_n.png", "gold_vs_kl.png", "rl.png",
+              "overopt.png"):
     assert f"({png})" in report, png
     with open(os.path.join(run, png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
@@ -184,3 +185,23 @@ def test_the_console_sums_up_each_stage_and_ends_with_the_report(micro_pipeline)
   assert console.rstrip().splitlines()[-1] == (
       f"[pipeline] finished; the report card is {os.path.join(micro_pipeline, 'report.md')}")
   assert "Downloading and preparing" not in console and "already generated" not in console
+
+
+def test_best_of_n_has_one_definition_stated_in_the_report(micro_pipeline):
+  """The table's best-of-16 row is the N = 16 point of the curve (same replies, same picks),
+  whose KL is the analytic log N − (N−1)/N; the report states the definition and draws gold
+  against KL."""
+  import math
+  from gptjax import report
+  cmp = json.load(open(os.path.join(micro_pipeline, "compare.json")))
+  curve, row = cmp["best_of_n"], cmp["policies"]["best-of-16"]
+  i = curve["n"].index(16)
+  assert (curve["gold_mean"][i], curve["gold_se"][i], curve["proxy_mean"][i]) == (
+      row["gold_mean"], row["gold_se"], row["proxy_mean"])
+  for n, kl in zip(curve["n"], curve["kl"]):
+    assert kl == math.log(n) - (n - 1) / n
+  # The RM's pick gains proxy with N (paired replies: a prefix's max can only grow).
+  assert curve["proxy_mean"] == sorted(curve["proxy_mean"])
+  assert all(o >= g for o, g in zip(curve["oracle_gold"], curve["gold_mean"]))
+  text = open(os.path.join(micro_pipeline, "report.md")).read()
+  assert report.BEST_OF_N_DEFINITION in text and "(gold_vs_kl.png)" in text

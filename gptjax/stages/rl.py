@@ -444,8 +444,11 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     proxy = np.asarray(proxy, np.float64)
     res["proxy_mean"] = float(proxy.mean())
     res["proxy_se"] = float(proxy.std(ddof=1) / np.sqrt(len(proxy))) if len(proxy) > 1 else 0.0
-  samples = [{"prompt": p, "reply": r, "gold": float(g)}
-             for p, r, g in zip(texts, replies, gold)]
+  samples = [{"prompt": p, "reply": r, "gold": float(g), "ended": bool(e)}
+             for p, r, g, e in zip(texts, replies, gold, has_eos)]
+  if scorer is not None:
+    for s, x in zip(samples, proxy):
+      s["proxy"] = float(x)
   if out_dir and jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
