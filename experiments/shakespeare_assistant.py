@@ -8,6 +8,11 @@ Presets:
   gpu    one H100
   tpu    a v5e-8 slice (or similar); the same code, FSDP over the chips
 
+Several seeds: `--config.pipeline.seeds="(0,1,2)"` (or `gptjax pipeline ... --seeds 0,1,2`) runs the
+stages after SFT again for seeds 1 and 2 from the same SFT model, and the report card shows
+mean ± 95% interval over the three; `--config.pipeline.seeded_stages` picks which stages run per
+seed (add 'pretrain' and 'sft' to redo those too).
+
 Every stage's sub-config can be overridden, e.g. `--config.ppo.rl.kl_coef=0.0` or
 `--config.pretrain.train.steps=2000`; `--config.pipeline.stages="('tokenizer','pretrain')"` runs a
 prefix of the pipeline. The optional stages `grpo`, `dpo` and `ppo_beta0` (PPO with β = 0, the
@@ -69,6 +74,11 @@ def get_config(arg=None):
   # its N = 16 point is the results table's best-of-16 row.
   c.pipeline.best_of_n = (1, 2, 4, 8, 16, 32, 64) if preset != "micro" else (1, 4, 16)
   c.pipeline.num_side_by_side = 4
+  # Seeds: the main run holds `seed`; each other seed in `seeds` re-runs `seeded_stages` (empty: the
+  # stages after SFT) under <run>/seeds/<seed>/, from the main run's earlier stages, and the
+  # report card gives every results figure as a mean with a 95% interval over the seeds.
+  c.pipeline.seeds = ()
+  c.pipeline.seeded_stages = ()
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind="bpe", vocab_size={"micro": 320, "tiny": 1024, "gpu": 4096, "tpu": 4096}[preset]))
   c.pretrain = pretrain_config(preset)

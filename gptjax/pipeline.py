@@ -90,7 +90,8 @@ def stage_fingerprint(cfg, name: str, run_dir: str) -> dict:
     parts = {"reward.rm_data": cfg.reward.rm_data.to_dict(), "reward.sft": cfg.reward.sft.to_dict()}
   elif name == "compare":
     pc = cfg.pipeline.to_dict()
-    pc.pop("stages")
+    for field in ("stages", "seeds", "seeded_stages"):   # they do not change this comparison
+      pc.pop(field, None)
     parts = {"pipeline": pc, "ppo.rl": cfg.ppo.rl.to_dict(),
              "compared": [n for n in COMPARED
                           if n in cfg.pipeline.stages and is_done(run_dir, n)]}
@@ -301,6 +302,8 @@ def stage_summary(run_dir: str, name: str, info: dict) -> str:
 def _stage_work(cfg, name: str):
   """(kind, amount of work) of a stage, from its config alone, for the ETA: tokens trained for
   the supervised stages, tokens sampled and trained on for the online RL ones."""
+  if name not in cfg:
+    return None, 0
   if name in ("pretrain", "sft", "reward", "dpo"):
     c = cfg[name]
     pairs = 2 if name == "dpo" else 1
@@ -312,21 +315,25 @@ def _stage_work(cfg, name: str):
   return None, 0
 
 
-def eta_line(cfg, run_dir: str, remaining: list[str]) -> str | None:
+def eta_line(cfg, run_dirs, remaining) -> str | None:
   """The time the remaining stages should take at the seconds per unit of work that this run's
-  finished stages of the same kind measured (wall time, compilation included)."""
+  finished stages of the same kind measured (wall time, compilation included). `run_dirs`: the
+  directories whose finished stages count (the main run's and a seed's); `remaining`: stage
+  names, or (directory, stage name) pairs, still to run (those already complete count zero)."""
   rates = {}
-  for name in STAGE_FNS:
-    kind, work = _stage_work(cfg, name)
-    if kind and work and is_done(run_dir, name):
-      wall = (_read_json_or_none(os.path.join(stage_dir(run_dir, name), DONE_FILE)) or {}
-              ).get("wall_s")
-      if wall:
-        rates.setdefault(kind, []).append(wall / work)
+  for d in dict.fromkeys([run_dirs] if isinstance(run_dirs, str) else run_dirs):
+    for name in STAGE_FNS:
+      kind, work = _stage_work(cfg, name)
+      if kind and work and is_done(d, name) and not os.path.islink(stage_dir(d, name)):
+        wall = (_read_json_or_none(os.path.join(stage_dir(d, name), DONE_FILE)) or {}
+                ).get("wall_s")
+        if wall:
+          rates.setdefault(kind, []).append(wall / work)
   total, unknown = 0.0, []
-  for name in remaining:
+  for item in remaining:
+    d, name = item if isinstance(item, tuple) else (None, item)
     kind, work = _stage_work(cfg, name)
-    if not kind:
+    if not kind or (d is not None and is_done(d, name)):
       continue
     if kind not in rates:
       unknown.append(name)
@@ -373,16 +380,111 @@ def stage_fn(cfg, name: str):
                                "with a 'stage' field")
 
 
+SEEDS_DIR = "seeds"
+
+
+def seed_dirs(run_dir: str) -> dict:
+  """{seed: run directory} of a run's extra seeds (<run>/seeds/<seed>), those that exist."""
+  root = os.path.join(run_dir, SEEDS_DIR)
+  if not os.path.isdir(root):
+    return {}
+  return {int(d): os.path.join(root, d) for d in sorted(os.listdir(root), key=int)
+          if d.isdigit()}
+
+
+def seeded_stages(cfg) -> list[str]:
+  """The stages each extra seed runs again: `pipeline.seeded_stages`, or every stage after SFT
+  (the post-training ones) of `pipeline.stages`; the report is written once, for all seeds."""
+  chosen = tuple(cfg.pipeline.get("seeded_stages", ()))
+  for s in chosen:
+    if s not in cfg.pipeline.stages or s in ("tokenizer", "report"):
+      raise config_lib.ConfigError(
+          f"pipeline.seeded_stages: {s!r} cannot run per seed; expected stages of "
+          f"pipeline.stages other than tokenizer and report")
+  if not chosen:
+    chosen = ALL_STAGES[ALL_STAGES.index("sft") + 1:]
+  return [s for s in cfg.pipeline.stages if s in chosen and s != "report"]
+
+
+def seed_config(cfg, seed: int):
+  """The pipeline config of one extra seed: every stage's seed and the comparison's set to it,
+  only the seeded stages to run, and no seeds of its own."""
+  c = copy.deepcopy(cfg)
+  with c.unlocked():
+    c.seed = seed
+    for sub in c.values():
+      if isinstance(sub, type(c)) and "seed" in sub:
+        sub.seed = seed
+    c.pipeline.stages = tuple(seeded_stages(cfg))
+    c.pipeline.seeds = ()
+  return c
+
+
+def _extra_seeds(cfg) -> list[int]:
+  seeds = [int(x) for x in cfg.pipeline.get("seeds", ())]
+  if len(set(seeds)) != len(seeds):
+    raise config_lib.ConfigError(f"pipeline.seeds: {tuple(seeds)} repeats a seed")
+  return [x for x in seeds if x != cfg.seed]
+
+
+def _link_shared_stages(run_dir: str, seed_dir: str, seeded: list[str]) -> None:
+  """A seed's directory sees the main run's other stages (tokenizer, pretrain, SFT, ...) through
+  symbolic links, so its stages find their inputs where a single run keeps them."""
+  os.makedirs(seed_dir, exist_ok=True)
+  for name in sorted(os.listdir(run_dir)):
+    target = stage_dir(run_dir, name)
+    link = stage_dir(seed_dir, name)
+    if (name in seeded or name in ("report", SEEDS_DIR) or not os.path.isdir(target)):
+      continue
+    if not os.path.lexists(link) and jax.process_index() == 0:
+      os.symlink(os.path.relpath(target, seed_dir), link)
+
+
 def run(cfg, run_dir: str, *, progress: bool = True) -> int:
-  """Runs the pipeline; returns a process exit code (0 done, 143 interrupted and resumable)."""
+  """Runs the pipeline; returns a process exit code (0 done, 143 interrupted and resumable).
+
+  With `pipeline.seeds`, the main run (seed `cfg.seed`) comes first, then each other seed's
+  seeded stages under <run>/seeds/<seed>/, then the report card over all of them."""
   stages = list(cfg.pipeline.stages)
-  fns = {s: stage_fn(cfg, s) for s in stages}
+  for s in stages:
+    stage_fn(cfg, s)                 # an unknown stage is an error before anything runs
+  extra = _extra_seeds(cfg)
+  seeded = seeded_stages(cfg) if extra else []
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, "pipeline_config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
     with open(os.path.join(run_dir, "environment.json"), "w") as f:
       json.dump(environment(), f, indent=2)
+  head = [s for s in stages if s != "report"]
+  tail = ["report"] if "report" in stages else []
+  todo = [(cfg, run_dir, head)]
+  for seed in extra:
+    todo.append((seed_config(cfg, seed), os.path.join(run_dir, SEEDS_DIR, str(seed)), seeded))
+  todo.append((cfg, run_dir, tail))
+  for k, (c, d, names) in enumerate(todo):
+    if not names:
+      continue
+    if d != run_dir:
+      print(f"[pipeline] seed {c.seed}: {', '.join(names)} in {d}", flush=True)
+      _link_shared_stages(run_dir, d, names)
+      if jax.process_index() == 0:
+        with open(os.path.join(d, "pipeline_config.json"), "w") as f:
+          f.write(config_lib.to_json(c))
+    later = [(dd, n) for _, dd, ns in todo[k + 1:] for n in ns]
+    code = _run_stages(c, d, names, progress, later=later, rate_dirs=(run_dir, d))
+    if code:
+      return code
+  if tail and is_done(run_dir, "report"):
+    print(f"[pipeline] finished; the report card is "
+          f"{read_done(run_dir, 'report').get('report')}", flush=True)
+  return 0
+
+
+def _run_stages(cfg, run_dir: str, stages: list[str], progress: bool, *, later=(),
+                rate_dirs=()) -> int:
+  """Runs `stages` in `run_dir` (skipping completed ones); `later` are the stages still to come
+  after these (other seeds', the report), counted in the ETA."""
   for i, name in enumerate(stages):
     fingerprint = stage_fingerprint(cfg, name, run_dir)
     if is_done(run_dir, name) and name != "report":
@@ -406,7 +508,7 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
             flush=True)
     print(f"[pipeline] {name}: running", flush=True)
     t0 = time.time()
-    info = fns[name](cfg, run_dir, progress)
+    info = stage_fn(cfg, name)(cfg, run_dir, progress)
     if info is None:
       print(f"[pipeline] {name}: interrupted; run the same command again to resume", flush=True)
       return 143
@@ -417,18 +519,16 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
     summary = stage_summary(run_dir, name, info)
     print(f"[pipeline] {name}: done in {info['wall_s']:.1f}s" + (f"; {summary}" if summary
                                                                  else ""), flush=True)
-    eta = eta_line(cfg, run_dir, stages[i + 1:])
+    eta = eta_line(cfg, rate_dirs or (run_dir,),
+                   [*((run_dir, n) for n in stages[i + 1:]), *later])
     if eta:
       print(f"[pipeline] {eta}", flush=True)
-    if stop and i + 1 < len(stages):
+    if stop and (i + 1 < len(stages) or later):
       # The signal came after the stage's last step: the stage is complete and kept, and the
       # pipeline stops as asked instead of starting the next one.
       print(f"[pipeline] stopping after {name}, as a signal asked; run the same command again to "
             "go on", flush=True)
       return 143
-  if "report" in stages and is_done(run_dir, "report"):
-    print(f"[pipeline] finished; the report card is "
-          f"{read_done(run_dir, 'report').get('report')}", flush=True)
   return 0
 
 
@@ -438,8 +538,17 @@ def main(argv) -> int:
   p.add_argument("--config", required=True, help="path.py:preset")
   p.add_argument("--workdir", required=True, help="the run directory; one subdirectory per stage")
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--seeds", default=None,
+                 help="comma-separated seeds, e.g. 0,1,2 (the same as --config.pipeline.seeds)")
   args = p.parse_args(rest)
   try:
+    if args.seeds is not None:
+      try:
+        seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+      except ValueError:
+        raise config_lib.ConfigError(f"--seeds: expected comma-separated integers such as "
+                                     f"0,1,2, got {args.seeds!r}") from None
+      overrides = [*overrides, f"pipeline.seeds={seeds!r}"]
     cfg = config_lib.load(args.config, overrides)
     from gptjax import sharding
     sharding.init_distributed(cfg.distributed)

@@ -101,7 +101,7 @@ def _bar(run_dir, compare, fname):
   fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.4))
   ax.bar(names, means, yerr=errs, capsize=4, color="#4c72b0")
   ax.axhline(0, color="black", lw=0.8)
-  ax.set_ylabel("gold VADER score (mean ± s.e.)")
+  ax.set_ylabel("gold VADER score\n(" + compare.get("error_label", "mean ± s.e.") + ")")
   ax.set_title("Kindness of the replies, by stage")
   fig.tight_layout()
   fig.savefig(os.path.join(run_dir, fname), dpi=110)
@@ -113,7 +113,8 @@ BEST_OF_N_DEFINITION = (
     "Best-of-N, here and in the table: for each held-out prompt, N replies are sampled from SFT "
     "with the same prompts, temperature and reply length as every other row, and the one the RM "
     "scores highest is kept; its KL to SFT is the analytic log N − (N−1)/N. The curve reuses one "
-    "set of 64 replies per prompt for every N, and its N = 16 point is the table's best-of-16 row. "
+    "set of replies per prompt (as many as its largest N) for every N, and its N = 16 point is the "
+    "table's best-of-16 row. "
     "The oracle keeps the reply with the highest gold score instead: the most reranking can give.")
 
 
@@ -132,7 +133,7 @@ def _bon(run_dir, compare, fname):
   ax.set_xscale("log", base=2)
   ax.set_xticks(ns, [str(n) for n in ns])
   ax.set_xlabel("N (SFT replies per prompt, reranked by the RM)")
-  ax.set_ylabel("gold VADER score (mean ± s.e.)")
+  ax.set_ylabel("gold VADER score\n(" + compare.get("error_label", "mean ± s.e.") + ")")
   ax.set_title("Best-of-N")
   ax.grid(alpha=0.3)
   fig.tight_layout()
@@ -198,7 +199,7 @@ def _frontier(run_dir, compare, fname):
                 marker="s", ls="none", capsize=3, color=f"C{i}", label=name)
   ax.set_xscale("symlog", linthresh=1.0)
   ax.set_xlabel("KL to SFT (nats; symlog scale)")
-  ax.set_ylabel("gold VADER score (mean ± s.e.)")
+  ax.set_ylabel("gold VADER score\n(" + compare.get("error_label", "mean ± s.e.") + ")")
   ax.set_title("Gold against KL on held-out prompts")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
@@ -256,6 +257,91 @@ def overopt_plot(path: str, runs: dict,
   return True
 
 
+# ------------------------------------------------------------------------------------ seeds --
+
+RESULT_FIELDS = ("gold_mean", "proxy_mean", "kl_to_sft", "distinct_2", "eos_fraction")
+RM_FIELDS = ("accuracy_noisy", "accuracy_noiseless", "spearman_gold")
+
+
+def interval(values) -> tuple[float | None, float | None]:
+  """(mean, half-width of the 95% Student-t interval of the mean) over seeds; the half-width is
+  None with fewer than two values."""
+  import numpy as np
+  from scipy import stats
+  xs = np.asarray([v for v in values if v is not None], np.float64)
+  if not len(xs):
+    return None, None
+  if len(xs) < 2:
+    return float(xs.mean()), None
+  sem = xs.std(ddof=1) / np.sqrt(len(xs))
+  return float(xs.mean()), float(stats.t.ppf(0.975, len(xs) - 1) * sem)
+
+
+def seed_runs(run_dir: str) -> dict:
+  """{seed: directory} of the main run and its extra seeds (<run>/seeds/<seed>)."""
+  cfg = _load_json(os.path.join(run_dir, "pipeline_config.json")) or {}
+  return {cfg.get("seed", 0): run_dir, **pipeline.seed_dirs(run_dir)}
+
+
+def aggregate(run_dir: str) -> dict | None:
+  """The results of every seed that finished its comparison, and their means with 95% intervals:
+  {seeds, policies: {name: {field: [mean, half-width, n]}}, best_of_n: {...}, reward: {...}}.
+  None when fewer than two seeds have results."""
+  runs = {seed: d for seed, d in seed_runs(run_dir).items()
+          if os.path.exists(os.path.join(d, "compare.json"))}
+  if len(runs) < 2:
+    return None
+  compares = {seed: _load_json(os.path.join(d, "compare.json")) for seed, d in runs.items()}
+  names = list(dict.fromkeys(n for c in compares.values() for n in c.get("policies", {})))
+  policies = {}
+  for name in names:
+    per = [c["policies"][name] for c in compares.values() if name in c.get("policies", {})]
+    policies[name] = {f: [*interval([p.get(f) for p in per]), len(per)] for f in RESULT_FIELDS}
+  curves = [c["best_of_n"] for c in compares.values() if c.get("best_of_n")]
+  bon = None
+  if curves:
+    ns = [n for n in curves[0]["n"] if all(n in c["n"] for c in curves)]
+    pick = lambda key: [interval([c[key][c["n"].index(n)] for c in curves if c.get(key)])
+                        for n in ns]
+    bon = {"n": ns, "gold": pick("gold_mean"), "oracle_gold": pick("oracle_gold"),
+           "kl": pick("kl"), "seeds": len(curves)}
+  # The RM varies across seeds only when the reward stage ran per seed (not a shared link).
+  rms = [_load_json(os.path.join(d, "reward", "eval.json")) for d in runs.values()
+         if d == run_dir or not os.path.islink(os.path.join(d, "reward"))]
+  rms = [r for r in rms if r]
+  reward = ({f: [*interval([r.get(f) for r in rms]), len(rms)] for f in RM_FIELDS}
+            if len(rms) > 1 else None)
+  return {"seeds": sorted(runs), "num_prompts": compares[min(runs)].get("num_prompts"),
+          "policies": policies, "best_of_n": bon, "reward": reward,
+          "per_seed": {str(seed): {"policies": {n: {f: p.get(f) for f in RESULT_FIELDS}
+                                                for n, p in c.get("policies", {}).items()}}
+                       for seed, c in compares.items()}}
+
+
+def as_compare(agg: dict, main_compare: dict) -> dict:
+  """The aggregate in compare.json's shape (means, and intervals where the plots read their
+  error bars), so the same plotting code draws one seed or many."""
+  out = dict(main_compare or {})
+  out["policies"] = {name: {"gold_mean": f["gold_mean"][0], "gold_se": f["gold_mean"][1] or 0.0,
+                            "kl_to_sft": f["kl_to_sft"][0]}
+                     for name, f in agg["policies"].items()}
+  if agg.get("best_of_n"):
+    b = agg["best_of_n"]
+    out["best_of_n"] = {"n": b["n"], "gold_mean": [m for m, _ in b["gold"]],
+                        "gold_se": [h or 0.0 for _, h in b["gold"]],
+                        "oracle_gold": [m for m, _ in b["oracle_gold"]],
+                        "kl": [m for m, _ in b["kl"]]}
+  out["error_label"] = f"mean ± 95% interval over {len(agg['seeds'])} seeds"
+  return out
+
+
+def _pm(mean_hw_n, digits=3):
+  mean, hw, _ = mean_hw_n
+  if mean is None:
+    return "–"
+  return f"{mean:.{digits}f}" + (f" ± {hw:.{digits}f}" if hw is not None else " (1 seed)")
+
+
 def _fmt(v, digits=3):
   if v is None:
     return "–"
@@ -279,7 +365,28 @@ def write(run_dir: str) -> str:
             "is the labeler's own noiseless VADER score, which the RM only approximates.", ""]
 
   # Results first: what a reader wants to know.
-  if compare and compare.get("policies"):
+  agg = aggregate(run_dir)
+  if agg:
+    with open(os.path.join(run_dir, "results_seeds.json"), "w") as f:
+      json.dump(agg, f, indent=2)
+    lines += ["## Results on held-out prompts", "",
+              f"{agg['num_prompts']} prompts from plays never seen in training; seeds "
+              f"{', '.join(map(str, agg['seeds']))}. Every figure is the mean over the seeds ± "
+              "the half-width of its 95% Student-t interval (each seed's own figures, with "
+              "standard errors over prompts, are in `results_seeds.json` and each seed's "
+              "compare.json).", "",
+              "| model | gold score | RM score (proxy) | KL to SFT | distinct-2 | ends its turn |",
+              "|---|---|---|---|---|---|"]
+    for name, f in agg["policies"].items():
+      lines.append(f"| {name} | {_pm(f['gold_mean'])} | {_pm(f['proxy_mean'], 2)} | "
+                   f"{_pm(f['kl_to_sft'])} | {_pm(f['distinct_2'])} | "
+                   f"{_pm(f['eos_fraction'], 2)} |")
+    lines.append("")
+    if agg.get("reward"):
+      lines += ["Reward model over the seeds (held-out pairs): " + "; ".join(
+          f"{k} {_pm(v)}" for k, v in agg["reward"].items()) + ".", ""]
+    compare = as_compare(agg, compare)
+  elif compare and compare.get("policies"):
     lines += ["## Results on held-out prompts", "",
               f"{compare.get('num_prompts', '?')} prompts from plays never seen in training.", "",
               "| model | gold score (mean ± s.e.) | RM score (proxy) | KL to SFT | distinct-2 | "
@@ -290,6 +397,7 @@ def write(run_dir: str) -> str:
                    f"{_fmt(p.get('proxy_mean'), 2)} | {_fmt(p.get('kl_to_sft'))} | "
                    f"{_fmt(p.get('distinct_2'))} | {_fmt(p.get('eos_fraction'), 2)} |")
     lines.append("")
+  if compare and compare.get("policies"):
     bar = _bar(run_dir, compare, "gold_by_stage.png")
     if bar:
       lines += [f"![gold score by stage]({bar})", ""]

@@ -125,8 +125,9 @@ def micro_pipeline(tmp_path_factory):
     pytest.fail(f"micro pipeline failed ({proc.returncode})\n{proc.stdout[-4000:]}\n"
                 f"{proc.stderr[-4000:]}")
   # What a person saw on the console, for the tests of what the pipeline says.
-  with open(os.path.join(os.path.dirname(run_dir), "console.txt"), "w") as f:
-    f.write(proc.stdout + proc.stderr)
+  for name, text in (("console.txt", proc.stdout), ("console_stderr.txt", proc.stderr)):
+    with open(os.path.join(os.path.dirname(run_dir), name), "w") as f:
+      f.write(text)
   return run_dir
 
 

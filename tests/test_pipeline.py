@@ -174,6 +174,7 @@ def test_the_console_sums_up_each_stage_and_ends_with_the_report(micro_pipeline)
   happen; a reuse announced seconds after the data were made)."""
   import re
   console = open(os.path.join(os.path.dirname(micro_pipeline), "console.txt")).read()
+  stderr = open(os.path.join(os.path.dirname(micro_pipeline), "console_stderr.txt")).read()
   for stage in ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
                 "ppo_beta0", "compare"):
     line = re.search(rf"^\[pipeline\] {stage}: done in [0-9.]+s; (.*)$", console, re.M)
@@ -184,7 +185,8 @@ def test_the_console_sums_up_each_stage_and_ends_with_the_report(micro_pipeline)
   assert etas, console[-3000:]
   assert console.rstrip().splitlines()[-1] == (
       f"[pipeline] finished; the report card is {os.path.join(micro_pipeline, 'report.md')}")
-  assert "Downloading and preparing" not in console and "already generated" not in console
+  for text in (console, stderr):
+    assert "Downloading and preparing" not in text and "already generated" not in text
 
 
 def test_best_of_n_has_one_definition_stated_in_the_report(micro_pipeline):
@@ -205,3 +207,48 @@ def test_best_of_n_has_one_definition_stated_in_the_report(micro_pipeline):
   assert all(o >= g for o, g in zip(curve["oracle_gold"], curve["gold_mean"]))
   text = open(os.path.join(micro_pipeline, "report.md")).read()
   assert report.BEST_OF_N_DEFINITION in text and "(gold_vs_kl.png)" in text
+
+
+def test_seeds_rerun_the_post_training_stages_and_the_report_gives_intervals(micro_pipeline,
+                                                                               tmp_path):
+  """--seeds 0,1 with DPO per seed: the main run (seed 0) is reused whole, seed 1 trains its
+  own DPO from the same SFT model, and the report's figures are means with 95% intervals."""
+  run = str(tmp_path / "run")
+  shutil.copytree(micro_pipeline, run, symlinks=True)
+  cmd = pipeline_cmd(run) + ["--seeds", "0,1", "--config.pipeline.seeded_stages=('dpo','compare')"]
+  proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "compare"):
+    assert f"[pipeline] {stage}: complete, skipping" in proc.stdout, stage
+  seed1 = os.path.join(run, "seeds", "1")
+  assert os.path.islink(os.path.join(seed1, "sft")) and not os.path.islink(
+      os.path.join(seed1, "dpo"))
+  assert os.path.realpath(os.path.join(seed1, "sft")) == os.path.realpath(os.path.join(run, "sft"))
+  assert json.load(open(os.path.join(seed1, "dpo", "config.json")))["seed"] == 1
+  first = lambda d: json.loads(open(os.path.join(d, "dpo", "metrics.jsonl")).readline())
+  assert first(seed1)["train/loss"] != first(run)["train/loss"]   # other data order, other run
+  agg = json.load(open(os.path.join(run, "results_seeds.json")))
+  assert agg["seeds"] == [0, 1]
+  golds = [json.load(open(os.path.join(d, "compare.json")))["policies"]["dpo"]["gold_mean"]
+           for d in (run, seed1)]
+  mean, half, n = agg["policies"]["dpo"]["gold_mean"]
+  assert n == 2 and abs(mean - sum(golds) / 2) < 1e-12
+  # Two values: t(0.975, 1) = 12.706 times the standard error |a − b| / 2.
+  assert abs(half - 12.7062 * abs(golds[0] - golds[1]) / 2) < 1e-3 * max(half, 1e-9)
+  assert agg["policies"]["ppo"]["gold_mean"][2] == 1       # PPO ran for seed 0 only
+  report = open(os.path.join(run, "report.md")).read()
+  assert "seeds 0, 1" in report and "95% Student-t interval" in report
+  assert proc.stdout.rstrip().splitlines()[-1].endswith(os.path.join(run, "report.md"))
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+    (["--seeds", "0,0"], "pipeline.seeds: (0, 0) repeats a seed"),
+    (["--seeds", "0,1", "--config.pipeline.seeded_stages=('report',)"],
+     "pipeline.seeded_stages: 'report' cannot run per seed")])
+def test_bad_seed_settings_are_one_line_errors(flag, message, tmp_path):
+  proc = subprocess.run(pipeline_cmd(str(tmp_path / "run")) + flag, env=child_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
