@@ -1,6 +1,10 @@
 """Loader throughput on this host: packed pretraining tokens/s and SFT rows/s.
 
-    python benchmarks/loader_throughput.py [--append]
+    python benchmarks/loader_throughput.py [--append] [--grain_workers 0,2]
+
+Pretraining is measured through our packed loader and, side by side, through the grain pipeline
+that yields the same batches (`gptjax/data/grain_loader.py`), with each number of grain worker
+processes in --grain_workers (0 = no worker process).
 
 Synthetic documents (lengths drawn like a web corpus, 50..4000 tokens) so the figure measures the
 loader, not a tokenizer. Each figure is the median of several timed runs after a warm-up, read
@@ -25,9 +29,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax.data.documents import TokenDocuments
+from gptjax.data.grain_loader import GrainStreamLoader
 from gptjax.data.loader import PackedLoader
 
-DATE = "2026-11-23"
+DATE = time.strftime("%Y-%m-%d")
 
 
 def _cpu_model() -> str:
@@ -64,6 +69,7 @@ def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--append", action="store_true", help="append a section to RESULTS.md")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--grain_workers", default="0,2", help="comma-separated worker counts")
   args = p.parse_args(argv)
 
   seq_len, batch = 1024, 32
@@ -72,6 +78,12 @@ def main(argv=None):
                      process_index=0, process_count=1)
   pre_tps = _rate(pre, batches=100, per_batch=batch * seq_len, repeats=args.repeats)
   pre.close()
+  grain_tps = {}
+  for workers in [int(w) for w in args.grain_workers.split(",") if w != ""]:
+    it = GrainStreamLoader(docs, seq_len=seq_len, global_batch=batch, seed=0, pad_id=0,
+                           process_index=0, process_count=1, worker_count=workers)
+    grain_tps[workers] = _rate(it, batches=100, per_batch=batch * seq_len, repeats=args.repeats)
+    it.close()
 
   sft_docs = _documents(20_000, seed=1, lo=20, hi=600)
   masked = [(sft_docs[i], (np.arange(len(sft_docs[i])) > len(sft_docs[i]) // 2).astype(np.float32))
@@ -85,6 +97,9 @@ def main(argv=None):
     it.close()
 
   lines = [f"pretraining (stream packing, B={batch}, T={seq_len}): {pre_tps / 1e6:.1f}M tokens/s"]
+  for workers, tps in grain_tps.items():
+    lines.append(f"pretraining through grain, {workers} worker processes (same batches): "
+                 f"{tps / 1e6:.1f}M tokens/s")
   for method, (rows, pad) in sft.items():
     lines.append(f"SFT {method:9s} (B={batch}, T={seq_len}): {rows:,.0f} rows/s, "
                  f"padding {pad:.1%}")

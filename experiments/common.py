@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = "char"          # 'char', a workdir/tokenizer dir, or a SentencePiece .model
   c.data.seq_len = 64
   c.data.loader = "windows"          # windows: random windows (nanoGPT); packed: epochs of documents
+  c.data.grain_workers = 0           # data.loader='grain' (packed's batches through grain): processes
   c.data.val_fraction = 0.1
 
   c.model = ml_collections.ConfigDict(dict(

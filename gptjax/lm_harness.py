@@ -8,8 +8,9 @@ because lm-eval 0.4's CLI finds models only in its built-in table, so the `gptja
 registered in the same process before that CLI starts.
 
 `GptjaxLM` takes a (model, params, tokenizer) triple: a gptjax workdir through
-`checkpoint.load_for_inference`, or any other source that yields a `GPT` module, its parameters
-and a tokenizer with `encode`, `decode`, `bos_id`, `eos_id` and `pad_id`.
+`checkpoint.load_for_inference`, a Hugging Face model directory (`workdir=hf:DIR`) through
+`hf.load_pretrained`, or any other source that yields a `GPT` module, its parameters and a
+tokenizer with `encode`, `decode`, `bos_id`, `eos_id` and `pad_id`.
 
 - `loglikelihood` scores (context, continuation) pairs in batches with one forward per batch and
   `losses.common.token_logprobs`, the function the trainer and the sampler use, so a score here is
@@ -62,9 +63,25 @@ def score_tokens(model, params, inputs, targets, lengths):
   return lp, greedy
 
 
+def load_model(spec: str, step=None):
+  """(model, params, tokenizer) from a gptjax workdir, or from a Hugging Face model directory
+  written `hf:DIR` (as in `train.init_from`)."""
+  if spec.startswith("hf:"):
+    from gptjax import hf
+    model, params, tokenizer = hf.load_pretrained(spec[len("hf:"):])
+    if tokenizer is None:
+      raise ValueError(f"{spec}: the model directory has no tokenizer; lm-eval needs one")
+    return model, params, tokenizer
+  from gptjax import checkpoint
+  model, params, tokenizer, _ = checkpoint.load_for_inference(
+      spec, None if step in (None, "") else int(step))
+  return model, params, tokenizer
+
+
 class GptjaxLM(LM):
   """An lm-eval `LM` over a gptjax model. Construct with a `workdir` (lm-eval's
-  `--model_args workdir=W[,step=N,batch_size=B]`) or with `model`, `params` and `tokenizer`."""
+  `--model_args workdir=W[,step=N]`; `workdir=hf:DIR` for a Hugging Face model directory) or
+  with `model`, `params` and `tokenizer`."""
 
   def __init__(self, workdir: str | None = None, step: int | None = None, batch_size=8,
                max_gen_toks: int = 256, seed: int = 0, *, model=None, params=None,
@@ -79,9 +96,7 @@ class GptjaxLM(LM):
     if workdir is not None:
       if model is not None:
         raise ValueError("gptjax lm-eval model: pass a workdir or a model, not both")
-      from gptjax import checkpoint
-      model, params, tokenizer, _ = checkpoint.load_for_inference(
-          workdir, None if step in (None, "") else int(step))
+      model, params, tokenizer = load_model(workdir, step)
     if model is None or params is None or tokenizer is None:
       raise ValueError("gptjax lm-eval model: needs workdir=W, or model, params and tokenizer")
     import flax.linen as nn
@@ -95,6 +110,8 @@ class GptjaxLM(LM):
     self.seed = int(seed)
     bos = getattr(tokenizer, "bos_id", None)
     self.prefix_id = int(bos if bos is not None and bos >= 0 else tokenizer.eos_id)
+    # A Hugging Face tokenizer may end a reply on several ids (generation_config's eos list).
+    self.stop_ids = tuple(int(i) for i in getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
 
   # ------------------------------------------------------------------------------------------
   # Tokens.
@@ -222,10 +239,10 @@ class GptjaxLM(LM):
           self.model, self.params, batch, lengths, rng=jax.random.fold_in(
               jax.random.key(self.seed), start), max_new_tokens=max_new,
           temperature=temperature, top_k=int(top_k or 0), top_p=float(top_p or 1.0),
-          eos_ids=(self.tok.eos_id,), stop_sequences=stops, pad_id=self.tok.pad_id)
+          eos_ids=self.stop_ids, stop_sequences=stops, pad_id=self.tok.pad_id)
       completion, n = jax.device_get((res.completion, res.lengths))
       for j, i in enumerate(chunk):
-        ids = [int(t) for t in completion[j, :n[j]] if int(t) != self.tok.eos_id]
+        ids = [int(t) for t in completion[j, :n[j]] if int(t) not in self.stop_ids]
         texts[i] = prompting.truncate_at_stop(self.tok.decode(ids), until)
     return texts
 
@@ -260,7 +277,8 @@ def eval_main(argv=None) -> int:
   import sys
   p = argparse.ArgumentParser(prog="gptjax eval",
                               description="Evaluate a workdir's model with lm-eval tasks.")
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", required=True, help="a gptjax workdir, or hf:DIR for a Hugging "
+                 "Face model directory")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
   p.add_argument("--limit", type=float, default=None, help="examples per task (count, or a "

@@ -203,3 +203,22 @@ def test_gptjax_eval_names_an_unknown_task(loaded, tmp_path):
       timeout=600)
   assert proc.returncode == 2
   assert "no_such_task_here" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_imported_hugging_face_model_scores_as_transformers_does(tmp_path):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import hf_tiny  # tests/helpers
+  directory = str(tmp_path / "qwen2")
+  reference = hf_tiny.write_model("qwen2", directory)
+  lm = lm_harness.GptjaxLM(workdir="hf:" + directory, batch_size=2)
+  pairs = [("the cat sat", " on the mat"), ("hello", " world"), ("", "a b c")]
+  got = lm.loglikelihood([_req("loglikelihood", c, x) for c, x in pairs])
+  for (context, cont), (lp, _) in zip(pairs, got):
+    ctx_ids, cont_ids = lm.encode_pair(context, cont)
+    assert cont_ids
+    full = ctx_ids + cont_ids
+    with torch.no_grad():
+      logits = reference(input_ids=torch.tensor([full[:-1]])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)[torch.arange(len(full) - 1), torch.tensor(full[1:])]
+    np.testing.assert_allclose(lp, float(logp[-len(cont_ids):].sum()), rtol=1e-4, atol=1e-4)

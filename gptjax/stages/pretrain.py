@@ -41,7 +41,8 @@ def _train_text_for_char_vocab(cfg) -> str | None:
 
 def _iterator(cfg, docs, tok, *, seed: int, batch: int):
   """`windows`: random windows over the token stream (nanoGPT's sampling, with replacement);
-  `packed`: an epoch-aware shuffle of whole documents packed into full rows."""
+  `packed`: an epoch-aware shuffle of whole documents packed into full rows; `grain`: the same
+  batches as `packed`, through a grain pipeline (optionally with worker processes)."""
   pi, pc = jax.process_index(), jax.process_count()
   if cfg.data.loader == "windows":
     return RandomWindows(docs.tokens, seq_len=cfg.data.seq_len, batch_size=batch // pc, seed=seed,
@@ -49,7 +50,13 @@ def _iterator(cfg, docs, tok, *, seed: int, batch: int):
   if cfg.data.loader == "packed":
     return PackedLoader(docs, seq_len=cfg.data.seq_len, global_batch=batch, seed=seed,
                         pad_id=tok.pad_id, mode="stream", process_index=pi, process_count=pc)
-  raise ValueError(f"data.loader: expected 'windows' or 'packed', got {cfg.data.loader!r}")
+  if cfg.data.loader == "grain":
+    from gptjax.data.grain_loader import GrainStreamLoader
+    return GrainStreamLoader(docs, seq_len=cfg.data.seq_len, global_batch=batch, seed=seed,
+                             pad_id=tok.pad_id, process_index=pi, process_count=pc,
+                             worker_count=cfg.data.grain_workers)
+  raise ValueError(f"data.loader: expected 'windows', 'packed' or 'grain', got "
+                   f"{cfg.data.loader!r}")
 
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
