@@ -16,9 +16,9 @@ from gptjax.stages import run_stage
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "rl.py")
 
 
-def _run(preset, workdir, *overrides):
+def _run(preset, workdir, *overrides, progress=False):
   cfg = config_lib.load(f"{CONFIG}:{preset}", list(overrides))
-  return run_stage(cfg, str(workdir), progress=False)
+  return run_stage(cfg, str(workdir), progress=progress)
 
 
 def _iterations(workdir):
@@ -70,9 +70,13 @@ def test_ppo_resume_is_exact(ppo_run, tmp_path):
   ck.close()
 
 
-def test_grpo_raises_reward_and_writes_eval(tmp_path):
+def test_grpo_raises_reward_and_writes_eval(tmp_path, capsys):
   res = _run("grpo_micro", tmp_path, "rl.iterations=6", "optim.lr=0.01", "rl.eval_prompts=8",
-             "rl.eval_split=train")
+             "rl.eval_split=train", "rl.log_gold=True", progress=True)
+  # The bar shows what RL is for: the RM's score, the gold and the KL, beside the loss.
+  bar = capsys.readouterr().err
+  for shown in ("loss=", "score=", "gold=", "kl="):
+    assert shown in bar, bar[-2000:]
   its = _iterations(tmp_path)
   first = its[0]["rl/score"]
   last = np.mean([i["rl/score"] for i in its[-2:]])
