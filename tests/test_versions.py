@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 from packaging.requirements import Requirement
 
 from conftest import REPO
@@ -37,9 +38,12 @@ def _dry_run_report(*targets):
 
 
 def test_installing_the_package_over_the_tested_jax_changes_no_jax_package():
-  # The environment holds the tested releases, as a Colab runtime holds its own jax.
-  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
-    assert importlib.metadata.version(name) == versions.TESTED[name], name
+  # The environment holds the tested releases, as a Colab runtime holds its own jax. A fresh
+  # install after a new release holds that one instead (there is no cap), and the premise fails.
+  other = {name: importlib.metadata.version(name) for name in versions.TESTED
+           if importlib.metadata.version(name) != versions.TESTED[name]}
+  if other:
+    pytest.skip(f"this environment holds {other}, not the tested {versions.TESTED}")
   report = _dry_run_report("-e", ".")
   to_install = {_normal(item["metadata"]["name"]): item["metadata"]["version"]
                 for item in report["install"]}
