@@ -101,7 +101,7 @@ def write_task_data(c, out_dir: str) -> dict:
         cur = ""
     shakespeare_docs += [cur] if cur else []
     ar.write_jsonl(extra, ({"text": d} for d in shakespeare_docs))
-    shakespeare_chars = len(text)
+    shakespeare_chars = sum(map(len, shakespeare_docs))
     chars |= set(text)
   elif os.path.exists(extra):
     os.remove(extra)

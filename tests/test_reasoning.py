@@ -148,3 +148,82 @@ def test_a_bad_gsm8k_file_stops_the_pipeline_with_one_line(tmp_path):
 def test_sampling_budget_and_greedy_checks():
   with pytest.raises(ValueError, match="greedy"):
     reasoning.sample((None, None, None), ["q"], n=2, temperature=0.0, max_new_tokens=4, seed=0)
+
+
+def _task_cfg(**kw):
+  import ml_collections
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "arith_exp", os.path.join(REPO, "experiments", "arithmetic_reasoning.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.task_data("micro")
+  c.update(kw)
+  return c
+
+
+def test_task_files_keep_heldout_out_and_mix_shakespeare_by_characters(tmp_path):
+  info = reasoning.write_task_data(_task_cfg(shakespeare_fraction=0.25), str(tmp_path))
+  assert info["train"] == 3 * 64 and info["heldout_by_band"]["add-3d"] == 6
+  mixed = info["pretrain_shakespeare_chars"] / (info["pretrain_shakespeare_chars"]
+                                                + info["pretrain_task_chars"])
+  assert mixed == pytest.approx(0.25, abs=0.01)
+  shakespeare_docs = _jsonl(str(tmp_path / "pretrain_shakespeare.jsonl"))
+  assert sum(len(d["text"]) for d in shakespeare_docs) == info["pretrain_shakespeare_chars"]
+  # Validation problems come from the training split but are not training problems.
+  train = {p.question for p in reasoning.read_problems(str(tmp_path / "problems_train.jsonl"))}
+  val = reasoning.read_problems(str(tmp_path / "problems_validation.jsonl"))
+  assert val and not {p.question for p in val} & train
+  assert not any(ar.is_heldout(p.question, 0.2) for p in val)
+  # Task alone: the Shakespeare file is gone, and the alphabet is the task's.
+  info = reasoning.write_task_data(_task_cfg(), str(tmp_path))
+  assert not os.path.exists(tmp_path / "pretrain_shakespeare.jsonl")
+  chars = open(tmp_path / "chars.txt").read()
+  assert set("0123456789+-*=#") <= set(chars) and "Q" in chars and len(chars) < 60
+
+
+def test_orm_records_pair_correct_with_wrong_replies():
+  probs = [ar.Problem("What is 1 + 1?", 2, "add-1d", "1+1=2\n#### 2"),
+           ar.Problem("What is 2 + 2?", 4, "add-1d", "2+2=4\n#### 4"),
+           ar.Problem("What is 3 + 3?", 6, "add-1d", "3+3=6\n#### 6")]
+  samples = {"texts": [["#### 2", "#### 3"], ["#### 5", "#### 1"], ["#### 6", "#### 6"]],
+             "ids": [[[1], [2]], [[3], [4]], [[5], [6]]],
+             "ended": [[True, True], [True, False], [True, True]]}
+  recs, stats = reasoning.orm_records(probs, samples, add_reference=True)
+  assert [r["ranks"] for r in recs] == [[1, 0], [0, 0, 1]]        # the all-correct one gives no pair
+  assert recs[1]["responses"][-1] == probs[1].cot and "response_ids" not in recs[1]
+  assert recs[0]["response_ids"] == [[1], [2]]
+  assert stats == {"problems": 3, "sample_accuracy": 0.5, "records": 2, "reference_added": 1}
+  recs, _ = reasoning.orm_records(probs, samples, add_reference=False)
+  assert [r["prompt"] for r in recs] == ["What is 1 + 1?"]
+
+
+def test_table_row_cells_and_intervals():
+  row = reasoning.table_row("m", 4, ["a", "a", "b"], [1.0, 0.5, 0.0])
+  assert row["per_band"]["a"]["acc"] == 0.75 and row["per_band"]["a"]["n"] == 2
+  assert row["overall"]["acc"] == 0.5 and row["overall"]["n"] == 3 and row["budget"] == 4
+  lo, hi = ar.wilson_interval(1.5, 3)
+  assert (row["overall"]["lo"], row["overall"]["hi"]) == (lo, hi)
+
+
+def test_sample_groups_prompts_by_width_and_is_reproducible():
+  """A long prompt does not shorten the room of a short one: each width group gets the new
+  tokens that fit beside its own prompts."""
+  import jax
+  import jax.numpy as jnp
+  from gptjax.data.tokenizers import CharTokenizer
+  from gptjax.model import GPT, ModelConfig
+  tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ?0123456789")
+  model = GPT(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=16,
+                          max_len=48))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  policy = (model, params, tok)
+  # 6 and 29 prompt tokens (with <bos>, the role markers and <|end|>): widths 16 and 32, so
+  # room for 32 and 16 new tokens in a window of 48.
+  qs = ["hi", "what is twelve plus six?"]
+  a = reasoning.sample(policy, qs, n=8, temperature=1.0, max_new_tokens=40, seed=1, batch_size=8)
+  b = reasoning.sample(policy, qs, n=8, temperature=1.0, max_new_tokens=40, seed=1, batch_size=8)
+  assert a == b and [len(r) for r in a["texts"]] == [8, 8]
+  assert max(a["lengths"][1]) <= 16 < max(a["lengths"][0]) <= 32
+  with pytest.raises(ValueError, match="no room"):
+    reasoning.sample(policy, ["x" * 60], n=1, temperature=1.0, max_new_tokens=4, seed=0)
