@@ -323,3 +323,25 @@ def test_import_export_commands_and_sft_from_hf(tiny, tmp_path):
   np.testing.assert_allclose(torch_logits(back, ids, mask, pos)[real], ours[real], atol=TOL,
                              rtol=0)
   assert np.abs(ours - our_logits(model0, params0, ids, mask, pos))[real].max() > 1e-3  # trained
+
+
+def test_ppo_from_hf_policy_driven_by_hf_reward_model(tiny, tmp_path):
+  """PPO starts from an HF causal LM and is rewarded by an HF sequence-classification model,
+  both given as hf:DIR; the RM it scores with is the imported one."""
+  from gptjax import checkpoint as ckpt_lib
+  from gptjax import main
+  rm_dir = str(tmp_path / "rm")
+  hf_tiny.write_model("qwen2", rm_dir, head="score", seed=1)
+  w = str(tmp_path / "ppo")
+  rc = main.main(["train", "--config", "experiments/hf_post_train.py:ppo_tiny", "--workdir", w,
+                  f"--config.train.init_from=hf:{tiny['qwen2'][0]}", "--config.rl.reward=rm",
+                  f"--config.rl.reward_workdir=hf:{rm_dir}", "--config.rl.iterations=1",
+                  "--no_progress"])
+  assert rc == 0
+  with open(os.path.join(w, "rl_iterations.jsonl")) as f:
+    scores = [json.loads(line)["rl/score"] for line in f]
+  assert scores and all(np.isfinite(scores))
+  _, rm_params, _, _ = ckpt_lib.load_for_inference(os.path.join(w, "hf_init", "reward"))
+  _, want, _ = hf.load_pretrained(rm_dir)
+  np.testing.assert_array_equal(np.asarray(rm_params["scalar_head"]["kernel"]),
+                                np.asarray(want["scalar_head"]["kernel"]))
