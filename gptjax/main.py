@@ -3,6 +3,7 @@
   gptjax train     --config experiments/x.py:preset --workdir DIR [--config.field=value ...]
                    [--import my_losses.py]
   gptjax pipeline  --config experiments/shakespeare_assistant.py:tiny --workdir DIR
+  gptjax scaling   --config experiments/scaling.py:tiny --workdir DIR      (an IsoFLOP sweep)
   gptjax sample    --workdir DIR --prompt "..."        gptjax chat --workdir DIR
   gptjax tokenizer train --source shakespeare --vocab_size 512 --out DIR
   gptjax eval      --workdir DIR --tasks hellaswag,arc_easy [--limit N]     (needs lm-eval)
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
       print(f"gptjax eval: needs lm-eval ({e}); pip install -e '.[eval]'", file=sys.stderr)
       return 2
     commands["eval"] = lm_harness.eval_main
+  from gptjax import scaling
+  commands["scaling"] = scaling.main
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__.strip())
     if argv and argv[0] not in ("-h", "--help"):

@@ -580,16 +580,25 @@ def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, lm_head: bool = True) -> float:
-  """Training FLOPs per token: 6·N for the matmuls plus 12·L·T·D for attention (PaLM appendix B).
+def matmul_params(cfg: ModelConfig, *, lm_head: bool = True) -> int:
+  """N of the FLOPs formula: the non-embedding matmul weights plus the LM head (or a scalar head).
 
-  N counts the non-embedding parameters plus the LM head (the embedding lookup is free, the head
-  projection is not). A reward model never runs the LM head: pass `lm_head=False`.
+  The embedding lookup is free, the head projection is not. Norm scales and biases are left out:
+  they cost O(D) FLOPs per token, not O(D²).
   """
   cfg = cfg.resolved()
   d, l, f = cfg.d_model, cfg.num_layers, cfg.mlp_dim
   kv = cfg.num_kv_heads * cfg.head_dim
   attn = d * d * 2 + d * kv * 2
   mlp = d * f * (3 if cfg.activation in ("swiglu", "geglu") else 2)
-  n = l * (attn + mlp) + (d * cfg.vocab_size if lm_head else d)
-  return 6.0 * n + 12.0 * l * seq_len * d
+  return l * (attn + mlp) + (d * cfg.vocab_size if lm_head else d)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, lm_head: bool = True) -> float:
+  """Training FLOPs per token: 6·N for the matmuls plus 12·L·T·D for attention (PaLM appendix B).
+
+  N is `matmul_params`. A reward model never runs the LM head: pass `lm_head=False`.
+  """
+  cfg = cfg.resolved()
+  n = matmul_params(cfg, lm_head=lm_head)
+  return 6.0 * n + 12.0 * cfg.num_layers * seq_len * cfg.d_model
