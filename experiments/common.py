@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=None, use_bias=None, qk_norm=False, rope_theta=10_000.0, norm_eps=1e-5,
       dtype="float32", param_dtype="float32", remat="none", dropout_rate=0.0, scalar_head=False,
       attention_impl=None, scan_unroll=0))
+  # LoRA adapters (gptjax/lora.py); rank 0 trains every parameter.
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "mlp"), base_quant=""))
 
   c.loss = ml_collections.ConfigDict(dict(name="lm", z_loss=0.0))
 

@@ -77,7 +77,13 @@ class Checkpointer:
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):
-  """Only the parameters of another run (for `init_from`), into `abstract_params`' shardings."""
+  """Only the parameters of another run (for `init_from`), into `abstract_params`' shardings.
+
+  A LoRA run's checkpoint holds its adapters only; asked for a plain tree, it comes back with the
+  adapters merged into that run's base (gptjax/lora.py)."""
+  from gptjax import lora
+  if lora.workdir_spec(workdir) is not None and not lora.has_adapters(abstract_params):
+    return lora.load_merged(workdir, abstract_params, step=step)
   directory = checkpoint_dir(workdir)
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       create=False, enable_async_checkpointing=False))

@@ -159,6 +159,7 @@ def validate(cfg, num_devices: int | None = None, num_processes: int = 1) -> Non
 def model_config(cfg):
   fields = {f for f in model_lib_fields()}
   d = cfg.model.to_dict()
+  d.pop("lora", None)          # adapters are not part of the network's shape (gptjax/lora.py)
   unknown = sorted(set(d) - fields)
   if unknown:
     raise ConfigError(f"unknown config field 'model.{unknown[0]}'")

@@ -30,6 +30,7 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import lora as lora_lib
 from gptjax import metrics as metrics_lib
 from gptjax import sharding as shd
 from gptjax import step as step_lib
@@ -95,7 +96,8 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
           frozen=None, init_from: Callable | None = None, evaluate: Callable | None = None,
           sample: Callable | None = None, tokens_per_step: int | None = None,
           flops_per_token: float | None = None, steps: int | None = None,
-          on_step: Callable | None = None, progress: bool = True) -> TrainResult:
+          on_step: Callable | None = None, progress: bool = True,
+          base_params=None) -> TrainResult:
   """Runs (or resumes) one stage to `cfg.train.steps` and saves its final checkpoint.
 
   init_params(rng) -> boxed params (flax `init` output); called under eval_shape and jit, so the
@@ -120,6 +122,14 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
 
   rng = jax.random.key(cfg.seed)
   init_rng = jax.random.fold_in(rng, 0)
+  adapters = lora_lib.Adapters.for_run(cfg, model=model, loss_fn=loss_fn, init_params=init_params,
+                                       init_from=init_from, frozen=frozen, mesh=mesh, rules=rules,
+                                       init_rng=init_rng, base_params=base_params)
+  if adapters is not None:
+    # LoRA: the state holds the adapters (and scalar heads) only; the base rides in `frozen`.
+    model, loss_fn, init_params, init_from, frozen = (
+        adapters.model, adapters.loss_fn, adapters.init_params, adapters.init_from,
+        adapters.frozen)
   boxed = jax.eval_shape(init_params, init_rng)
   state_sh = step_lib.state_shardings(boxed, optimizer, mesh, rules)
 
@@ -143,6 +153,7 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
 
   train_step = step_lib.make_train_step(loss_fn, optimizer, model=model, state_sharding=state_sh,
                                         mesh=mesh, grad_accum=t_cfg.grad_accum, schedule=schedule)
+  view = adapters.view if adapters is not None else (lambda s: s)
   writer = metrics_lib.MetricWriter(workdir)
   peak = metrics_lib.peak_flops(jax.devices()[0], cfg.model.get("dtype", "float32"))
   step = int(jax.device_get(state.step))
@@ -163,7 +174,7 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
   with _StopFlag() as stop:
     while step < total:
       t0 = time.perf_counter()
-      batch = source.next(state)
+      batch = source.next(view(state))
       state, metrics = train_step(state, batch, frozen)
       step += 1
       first = timings["steps"] == 0 and timings["compile_s"] == 0.0
@@ -212,13 +223,13 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
           bar.set_postfix(post, refresh=False)
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
       if on_step is not None:
-        on_step(step, state, metrics)
+        on_step(step, view(state), metrics)
       if bar is not None:
         bar.update(1)
       if evaluate is not None and t_cfg.eval_every and (step % t_cfg.eval_every == 0 or
                                                         step == total):
         t_eval = time.perf_counter()
-        ev = evaluate(state)
+        ev = evaluate(view(state))
         writer.scalars(step, ev)
         last_logged.update(ev)
         window_t += time.perf_counter() - t_eval      # eval time is not training time
@@ -227,7 +238,7 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
       if sample is not None and t_cfg.sample_every and (step % t_cfg.sample_every == 0 or
                                                         step == total):
         t_s = time.perf_counter()
-        text = sample(state)
+        text = sample(view(state))
         writer.text(step, "samples", text)
         window_t += time.perf_counter() - t_s
       if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < total:
@@ -258,5 +269,6 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
     writer.close()
     ckpt.close()
     result.stop_requested = stop.signum is not None
-  result.state, result.step, result.last_metrics, result.timings = state, step, last_logged, timings
+  result.state, result.step, result.last_metrics, result.timings = (view(state), step, last_logged,
+                                                                      timings)
   return result

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib
+from gptjax import lora
 from gptjax import metrics as metrics_lib
 from gptjax import sampling
 from gptjax import sharding as shd
@@ -72,7 +73,8 @@ class ActorCritic(nn.Module):
 def policy_view(model, params):
   """(GPT module, its params) of the policy alone: what the sampler and the reference run."""
   if isinstance(model, ActorCritic):
-    return GPT(model.policy_cfg), params["policy"]
+    # A LoRA actor-critic's policy carries the same adapters (gptjax/lora.py).
+    return lora.like(model, GPT(model.policy_cfg)), params["policy"]
   return model, params
 
 
@@ -306,14 +308,16 @@ def _take(buffer, idx):
 class RolloutSource:
   """The trainer batch source for PPO and GRPO (see the module docstring)."""
 
-  def __init__(self, *, model, ref_params, prompts: np.ndarray, prompt_lengths: np.ndarray,
+  def __init__(self, *, model, ref_params, ref_model=None, prompts: np.ndarray, prompt_lengths: np.ndarray,
                prompt_texts: Sequence[str], tokenizer, scorer, cfg: RolloutConfig, controller,
                eos_ids: Sequence[int], mesh=None, gold_fn: Callable | None = None,
                log_path: str | None = None):
     cfg.validate()
     self.model, self.cfg, self.tok = model, cfg, tokenizer
     # The reference is the policy network alone (a value head, if any, is computed and ignored).
-    self.ref_model = GPT(model.policy_cfg) if isinstance(model, ActorCritic) else model
+    if ref_model is None:
+      ref_model = GPT(model.policy_cfg) if isinstance(model, ActorCritic) else model
+    self.ref_model = ref_model
     self.ref_params = ref_params
     self.prompts = np.asarray(prompts, np.int32)
     self.prompt_lengths = np.asarray(prompt_lengths, np.int32)

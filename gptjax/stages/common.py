@@ -13,6 +13,7 @@ import numpy as np
 
 from gptjax import batches as batches_lib
 from gptjax import config as config_lib
+from gptjax import lora
 from gptjax import losses
 from gptjax import sharding as shd
 from gptjax.data import tokenizers
@@ -32,14 +33,18 @@ def make_env(cfg, *, scalar_head: bool | None = None) -> Env:
   mcfg = config_lib.model_config(cfg)
   if scalar_head is not None:
     mcfg = dataclasses.replace(mcfg, scalar_head=scalar_head)
-  return Env(mesh=mesh, model=GPT(mcfg), model_cfg=mcfg.resolved())
+  # LoRA (model.lora.rank > 0) wraps the model here, so every objective built on it trains
+  # adapters; the trainer keeps the base frozen (gptjax/lora.py).
+  model = lora.wrap(GPT(mcfg), lora.spec_from_config(cfg))
+  return Env(mesh=mesh, model=model, model_cfg=mcfg.resolved())
 
 
 # Model fields that say how the network is run, not what it is. A stage that starts from a
 # previous workdir takes that run's architecture, but these stay the current config's: dropout,
 # rematerialisation and the compute dtype are choices of this run's training, and taking them from
 # the checkpoint silently ignored a `--config.model.dropout_rate` given to a later stage.
-RUN_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "scan_unroll", "scalar_head")
+RUN_FIELDS = ("dtype", "remat", "dropout_rate", "attention_impl", "scan_unroll", "scalar_head",
+              "lora")
 
 
 def adopt_architecture(cfg, prev_workdir: str) -> None:

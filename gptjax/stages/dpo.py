@@ -23,6 +23,7 @@ import numpy as np
 from gptjax import batches as batches_lib
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import lora
 from gptjax import sharding as shd
 from gptjax import trainer
 from gptjax.data import chat, sources
@@ -144,11 +145,14 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   init_from = None
   if cfg.train.init_from:
     init_from = lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
-  ref_params = rl_stage.initial_params(cfg, model, env.mesh, init_params, init_from)
+  init_full = rl_stage.initial_params(cfg, model, env.mesh, init_params, init_from)
+  # With LoRA the reference is the base with the adapters off; the trainer reuses init_full as
+  # its frozen base, so policy and reference share one copy of it.
+  ref_model, ref_params = lora.reference(model, init_full)
 
   seq, bs = cfg.data.seq_len, cfg.train.batch_size
   pairs = encode_pairs(train_records, tok, seq)
-  ref_c, ref_r = reference_logps(model, ref_params, pairs, batch_size=bs)
+  ref_c, ref_r = reference_logps(ref_model, ref_params, pairs, batch_size=bs)
   source = PreferenceSource(pairs, ref_c, ref_r, batch_size=bs, seed=cfg.seed, mesh=env.mesh)
   loss_fn = common.bind_loss(cfg)
 
@@ -156,7 +160,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   eval_records = load_records(cfg.data.eval_source, cfg) if cfg.data.eval_source else []
   if eval_records:
     eval_pairs = encode_pairs(eval_records, tok, seq)
-    ev_c, ev_r = reference_logps(model, ref_params, eval_pairs, batch_size=bs)
+    ev_c, ev_r = reference_logps(ref_model, ref_params, eval_pairs, batch_size=bs)
     eval_source = PreferenceSource(eval_pairs, ev_c, ev_r, batch_size=min(bs, len(ev_c)),
                                    seed=cfg.seed + 1, mesh=env.mesh)
     eval_step = trainer.make_eval_step(loss_fn, model)
@@ -172,13 +176,14 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
 
   res = trainer.train(cfg, workdir=workdir, model=model, loss_fn=loss_fn, source=source,
                       mesh=env.mesh, init_params=init_params, init_from=init_from,
-                      evaluate=evaluate, tokens_per_step=2 * bs * seq, progress=progress)
+                      evaluate=evaluate, tokens_per_step=2 * bs * seq, progress=progress,
+                      base_params=init_full if lora.spec_of(model) is not None else None)
   if cfg.rl.eval_prompts and not res.interrupted:
     # Every process runs the evaluation (its jitted programs span all of them); only process 0
     # writes the files.
     held = [r["prompt"] for r in eval_records] or rl_stage.prompt_messages(cfg, cfg.rl.eval_split)
     rl_stage.evaluate_policy((model, res.state.params, tok), prompts=held[:cfg.rl.eval_prompts],
-                             reference=(model, ref_params), max_new_tokens=cfg.rl.max_new_tokens,
+                             reference=(ref_model, ref_params), max_new_tokens=cfg.rl.max_new_tokens,
                              temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len,
                              seed=cfg.seed, out_dir=workdir, label=cfg.loss.name)
   return res

@@ -25,6 +25,7 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import lora
 from gptjax import metrics as metrics_lib
 from gptjax import sampling
 from gptjax import sharding as shd
@@ -102,8 +103,10 @@ def build_model(cfg):
     rm_dir = cfg.rl.reward_workdir
     critic_cfg = (_workdir_model_cfg(rm_dir, scalar_head=True) if rm_dir
                   else dataclasses.replace(mcfg, scalar_head=True))
-    return rollout_lib.ActorCritic(dataclasses.replace(mcfg, scalar_head=False), critic_cfg)
-  return GPT(dataclasses.replace(mcfg, scalar_head=(vm == "head")))
+    model = rollout_lib.ActorCritic(dataclasses.replace(mcfg, scalar_head=False), critic_cfg)
+  else:
+    model = GPT(dataclasses.replace(mcfg, scalar_head=(vm == "head")))
+  return lora.wrap(model, lora.spec_from_config(cfg))
 
 
 def make_init_from(cfg, model):
@@ -261,7 +264,9 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   init_params = common.init_params_fn(model)
   init_from = make_init_from(cfg, model)
   ref_full = initial_params(cfg, model, env.mesh, init_params, init_from)
-  _, ref_params = rollout_lib.policy_view(model, ref_full)
+  # With LoRA the reference is the base with the adapters off, read from the same buffers the
+  # trainer keeps frozen (ref_full is handed to it as base_params): one copy of the base.
+  ref_model, ref_params = lora.reference(*rollout_lib.policy_view(model, ref_full))
 
   prompts, lengths, texts = encode_prompts(train_msgs, tok, cfg.rl.prompt_len)
   rcfg = rollout_config(cfg)
@@ -272,7 +277,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
     controller = kl_lib.make_controller(beta=cfg.rl.kl_coef)
   gold = rollout_lib.make_reward_fn("gold") if cfg.rl.log_gold else None
   source = rollout_lib.RolloutSource(
-      model=model, ref_params=ref_params, prompts=prompts, prompt_lengths=lengths,
+      model=model, ref_params=ref_params, ref_model=ref_model, prompts=prompts, prompt_lengths=lengths,
       prompt_texts=texts, tokenizer=tok, scorer=make_scorer(cfg), cfg=rcfg,
       controller=controller, eos_ids=chat.reply_stop_ids(tok), mesh=env.mesh, gold_fn=gold,
       log_path=os.path.join(workdir, "rl_iterations.jsonl"))
@@ -291,14 +296,15 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
       cfg, workdir=workdir, model=model, loss_fn=bind_policy_loss(cfg), source=source,
       mesh=env.mesh, init_params=init_params, init_from=init_from, sample=sample,
       tokens_per_step=cfg.train.batch_size * (cfg.rl.prompt_len + cfg.rl.max_new_tokens - 1),
-      steps=steps, progress=progress)
+      steps=steps, progress=progress,
+      base_params=ref_full if lora.spec_from_config(cfg) is not None else None)
   res.timings["rollout_s"] = source.timings["rollout_s"]
   if cfg.rl.eval_prompts and not res.interrupted:
     # Every process runs the evaluation (its jitted programs span all of them); only process 0
     # writes the files.
     pol, pp = rollout_lib.policy_view(model, res.state.params)
     evaluate_policy((pol, pp, tok), prompts=prompt_messages(cfg, cfg.rl.eval_split),
-                    reference=(GPT(pol.cfg), ref_params), max_new_tokens=cfg.rl.max_new_tokens,
+                    reference=(lora.base_model(ref_model), ref_params), max_new_tokens=cfg.rl.max_new_tokens,
                     temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len,
                     seed=cfg.seed, out_dir=workdir, label=cfg.loss.name, scorer=source.scorer)
   return res
