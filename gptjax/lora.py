@@ -372,3 +372,55 @@ def reference(model, params):
   if spec_of(model) is None:
     return model, params
   return base_model(model), strip_adapters(params)
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT export: the adapters alone, loadable by `peft` onto the matching transformers model
+# --------------------------------------------------------------------------------------------
+
+# Our module name -> the Llama-family module name in transformers (q_proj, ..., down_proj).
+LLAMA_MODULES = {"query": "self_attn.q_proj", "key": "self_attn.k_proj",
+                 "value": "self_attn.v_proj", "out": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "proj": "mlp.down_proj"}
+
+
+def export_peft(params, spec: LoraSpec, out_dir: str, *, base_model_name_or_path: str = "",
+        prefix: str = "base_model.model.model.layers") -> list[str]:
+  """Writes `adapter_config.json` and `adapter_model.safetensors` for a Llama-style model.
+
+  PEFT's LoRA on a Linear computes x·Aᵀ·Bᵀ·(alpha/r) with A [r, in] and B [out, r]; ours is
+  x·A·B·(alpha/rank) with A [in, r] and B [r, out], so each layer's slice is transposed and the
+  same alpha and r are written (no rescaling). GPT-2's fused `c_attn` has no per-projection
+  module to hang q/k/v adapters on, so only the Llama layout is written. Returns the file paths.
+  """
+  import json
+  import numpy as np
+  from safetensors.numpy import save_file
+  blocks = _flatten(dict(params))
+  tensors, targets = {}, set()
+  for path, a in blocks.items():
+    if path[-1] != "kernel_lora_a":
+      continue
+    if path[0] != "blocks" or path[-2] not in LLAMA_MODULES:
+      raise ValueError(f"export_peft: adapter at {'/'.join(path)} has no Llama counterpart")
+    b = np.asarray(blocks[path[:-1] + ("kernel_lora_b",)], np.float32)
+    a = np.asarray(a, np.float32)
+    hf = LLAMA_MODULES[path[-2]]
+    targets.add(hf.split(".")[-1])
+    for i in range(a.shape[0]):                      # the scanned [L, ...] stack, per layer
+      tensors[f"{prefix}.{i}.{hf}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+      tensors[f"{prefix}.{i}.{hf}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+  if not tensors:
+    raise ValueError("export_peft: the parameters hold no adapters")
+  os.makedirs(out_dir, exist_ok=True)
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
+       "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+       "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
+       "use_rslora": False, "use_dora": False, "inference_mode": True,
+       "base_model_name_or_path": base_model_name_or_path}
+  cfg_path = os.path.join(out_dir, "adapter_config.json")
+  with open(cfg_path, "w") as f:
+    json.dump(config, f, indent=2)
+  st_path = os.path.join(out_dir, "adapter_model.safetensors")
+  save_file(tensors, st_path, metadata={"format": "pt"})
+  return [cfg_path, st_path]

@@ -1,6 +1,8 @@
 """LoRA through qwix: zero-init parity, gradients reach adapters only, adapters-off reference,
 merge parity, PEFT round trip, and LoRA PPO/GRPO micro runs."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -176,3 +178,60 @@ def test_lora_rl_micro_run(tmp_path, preset):
   want = _apply(model, state.params, x).logits
   got = _apply(pol, params, x).logits
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def _llama_state_dict(params, cfg):
+  """Our Llama-style tree as a transformers LlamaForCausalLM state dict (test-side converter)."""
+  import torch
+  c = cfg.resolved()
+  t = lambda x: torch.tensor(np.asarray(x, np.float32))
+  sd = {"model.embed_tokens.weight": t(params["embed"]["embedding"]),
+        "model.norm.weight": t(params["ln_final"]["scale"]),
+        "lm_head.weight": t(np.asarray(params["lm_head"]["kernel"]).T)}
+  blk = params["blocks"]
+  d = c.d_model
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}."
+    for ours, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      sd[p + f"self_attn.{hf}.weight"] = t(np.asarray(blk["attn"][ours]["kernel"][i]).reshape(d, -1).T)
+    sd[p + "self_attn.o_proj.weight"] = t(np.asarray(blk["attn"]["out"]["kernel"][i]).reshape(-1, d).T)
+    for ours, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("proj", "down_proj")):
+      sd[p + f"mlp.{hf}.weight"] = t(np.asarray(blk["mlp"][ours]["kernel"][i]).T)
+    sd[p + "input_layernorm.weight"] = t(blk["ln_attn"]["scale"][i])
+    sd[p + "post_attention_layernorm.weight"] = t(blk["ln_mlp"]["scale"][i])
+  return sd
+
+
+def test_peft_round_trip(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  cfg = ModelConfig(vocab_size=61, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32,
+                    max_len=32, variant="llama")
+  model = lora.wrap(GPT(cfg), SPEC)
+  trainable, base = lora.split(_init(model))
+  params = lora.combine(base, _randomise(trainable))
+  files = lora.export_peft(params, SPEC, str(tmp_path / "adapter"))
+  assert [os.path.basename(f) for f in files] == ["adapter_config.json",
+                                                  "adapter_model.safetensors"]
+  c = cfg.resolved()
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.mlp_dim,
+      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, max_position_embeddings=c.max_len,
+      rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=False)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  missing = hf.load_state_dict(_llama_state_dict(base, cfg), strict=False)
+  assert not missing.missing_keys or missing.missing_keys == [], missing
+  x = _tokens(2, 10)
+  plain_ours = np.asarray(_apply(GPT(cfg), base, x).logits)
+  with torch.no_grad():
+    plain_hf = hf(torch.tensor(np.asarray(x))).logits.numpy()
+  np.testing.assert_allclose(plain_hf, plain_ours, atol=2e-4, rtol=1e-4)   # the base matches
+  pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+  with torch.no_grad():
+    lora_hf = pm(torch.tensor(np.asarray(x))).logits.numpy()
+  lora_ours = np.asarray(_apply(model, params, x).logits)
+  assert np.abs(lora_ours - plain_ours).max() > 1e-3          # the adapters matter...
+  np.testing.assert_allclose(lora_hf, lora_ours, atol=2e-4, rtol=1e-4)   # ...and load equal
