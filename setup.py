@@ -31,6 +31,7 @@ setup(
         "safetensors>=0.4.3,<1",
         "tokenizers>=0.20,<1",
         "jinja2>=3.1.6,<4",
+        "qwix>=0.1.8,<0.2",           # LoRA adapters (gptjax/lora.py)
     ],
     extras_require={
         # The jax build for the accelerator, for machines that do not come with one (a TPU VM,
