@@ -18,6 +18,9 @@ Worker processes (`worker_count > 0`) read and cut documents; grain hands their 
 round-robin, which restores the single-process order, and packing stays in this process so rows
 do not depend on the number of workers.
 
+Speed: 4-8x below `PackedLoader` on 2 CPUs (benchmarks/RESULTS.md), because grain's
+concat-then-split packs one row at a time in Python; that is why `packed` stays the default.
+
 SFT keeps `PackedLoader`: grain's FirstFit/BestFit packers emit all their open bins together when
 an example does not fit, while ours closes only the fullest row and keeps the rest open, so rows
 (and every SFT figure) would change; and our over-long/untrained counts (`pack_stats`) are updated
@@ -102,13 +105,13 @@ class GrainStreamLoader:
 
   shuffle: "ours" (the packed loader's order: same batches), "grain" (grain's per-epoch
   `MapDataset.shuffle`), or "none". worker_count: grain worker processes for reading documents
-  (0 = in this process).
+  (0 = in this process). read_threads: grain's read-ahead threads (0 = none).
   """
 
   def __init__(self, documents: Sequence[Any], *, seq_len: int, global_batch: int, seed: int,
                pad_id: int, shuffle: str = "ours", process_index: int | None = None,
                process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
-               name: str = "data"):
+               read_threads: int = 0, name: str = "data"):
     if shuffle not in SHUFFLES:
       raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
     self.process_index, self.process_count = _process_defaults(process_index, process_count)
@@ -127,7 +130,12 @@ class GrainStreamLoader:
     else:
       ds = _ShardEpochs(documents, seed=seed, shuffle=shuffle == "ours",
                         process_index=self.process_index, process_count=self.process_count)
-    ds = ds.map(_pairs).to_iter_dataset()
+    # grain reads ahead with 16 threads by default, which suits slow storage; our documents are
+    # token arrays in memory, and on 2 CPU cores those threads' bookkeeping cost 20x the
+    # throughput (0.8M against 17.5M tokens/s measured). `read_threads` restores them.
+    ds = ds.map(_pairs).to_iter_dataset(grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=max(read_threads, 1) * 4 if read_threads
+        else 0))
     if worker_count > 0:
       _absl_flags_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
