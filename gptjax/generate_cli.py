@@ -108,7 +108,9 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
     ids = chat.render_prompt(args.prompt, tok)
     eos = tuple(chat.reply_stop_ids(tok))
   else:
-    ids = ([] if args.no_bos else [tok.bos_id]) + prompting.encode_with_specials(tok, args.prompt)
+    # Models without a BOS token (Qwen, imported from Hugging Face) start at the text.
+    bos = [] if args.no_bos or tok.bos_id is None else [tok.bos_id]
+    ids = bos + prompting.encode_with_specials(tok, args.prompt)
     eos = _turn_end_ids(tok)
   if not ids:
     raise UsageError("--prompt: empty prompt; pass --prompt or drop --no_bos")

@@ -86,7 +86,8 @@ def make_text_generator(model, params, tokenizer, *, seed: int = 0, max_new_toke
       raise ValueError(f"max_new_tokens={new} leaves no room for a prompt in max_len={cfg.max_len}")
     rows = []
     for p in prompts:
-      ids = ([tokenizer.bos_id] if add_bos else []) + encode_with_specials(tokenizer, p)
+      bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+      ids = bos + encode_with_specials(tokenizer, p)
       rows.extend([ids[-room:]] * n)
     width = min(room, -(-max(len(r) for r in rows) // prompt_bucket) * prompt_bucket)
     batch = np.full((len(rows), width), tokenizer.pad_id, np.int32)

@@ -38,7 +38,7 @@ class TokenDocuments:
   def from_texts(cls, texts, tokenizer, *, add_bos: bool = True, add_eos: bool = True
                  ) -> "TokenDocuments":
     pieces, lengths = [], [0]
-    head = [tokenizer.bos_id] if add_bos else []
+    head = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     tail = [tokenizer.eos_id] if add_eos else []
     for text in texts:
       ids = head + tokenizer.encode(text) + tail
