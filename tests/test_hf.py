@@ -206,6 +206,11 @@ def test_chat_template_mask(tmp_path):
                                                     return_dict=True)["input_ids"])
   # Plain encode never makes a special token out of text.
   tok = HFTokenizer(plain, quiet=True)
+  # A reply's ids (DPO and RM pairs) are what the template adds after the generation prompt.
+  from gptjax.data import chat
+  reply = chat.reply_ids(tok, msgs[:2], msgs[2]["content"])
+  assert prompt + reply == tok.render_chat(msgs[:3])[0]
+  assert tok.special_ids["<|im_end|>"] in reply
   assert tok.eos_id not in tok.encode("a <|im_end|> b")
   assert tok.decode(tok.encode("To be, or not")) == "To be, or not"
 

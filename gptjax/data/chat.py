@@ -102,6 +102,22 @@ def render_prompt(messages: Sequence[Mapping] | str, tokenizer) -> list[int]:
   return render(as_messages(messages), tokenizer, add_generation_prompt=True)[0]
 
 
+def reply_ids(tokenizer, prompt, reply: str, *, ended: bool = True) -> list[int]:
+  """The ids of an assistant `reply` to `prompt` as the template writes it after the generation
+  prompt: its text, then (when the turn `ended`) the end of turn. gptjax's template ends a turn
+  with `<|end|>`; a Hugging Face template writes its own end (e.g. "<|im_end|>\n"), found as
+  what rendering the reply adds to the rendered prompt."""
+  if not ended or not hasattr(tokenizer, "render_chat"):
+    return tokenizer.encode(reply) + ([tokenizer.special_ids["<|end|>"]] if ended else [])
+  messages = as_messages(prompt)
+  before = tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+  after = tokenizer.render_chat(messages + [{"role": "assistant", "content": reply}])[0]
+  if after[:len(before)] != before:
+    raise DataError("chat template: rendering a reply changes the tokens of the prompt before "
+                    "it, so the reply's ids cannot be separated from the prompt's")
+  return after[len(before):]
+
+
 def reply_stop_ids(tokenizer) -> tuple[int, ...]:
   """Ids that end an assistant turn: `<|end|>` and EOS (a Hugging Face model's: its EOS ids)."""
   if hasattr(tokenizer, "stop_ids"):

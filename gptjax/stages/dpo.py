@@ -45,7 +45,6 @@ def _encode_pair_side(prompt_ids, reply_ids, seq_len):
 
 def encode_pairs(records, tok, seq_len: int) -> dict:
   """{'chosen': LMBatch-like dict, 'rejected': ...} numpy [N, seq_len] from preference records."""
-  end = tok.special_ids["<|end|>"]
   out = {}
   for side in ("chosen", "rejected"):
     n = len(records)
@@ -56,7 +55,7 @@ def encode_pairs(records, tok, seq_len: int) -> dict:
     f["loss_mask"] = np.zeros((n, seq_len), np.float32)
     for i, r in enumerate(records):
       ids, p = _encode_pair_side(chat.render_prompt(r["prompt"], tok),
-                                 tok.encode(r[side]) + [end], seq_len)
+                                 chat.reply_ids(tok, r["prompt"], r[side]), seq_len)
       t = len(ids) - 1
       f["inputs"][i, :t], f["targets"][i, :t] = ids[:-1], ids[1:]
       f["segment_ids"][i, :t] = 1

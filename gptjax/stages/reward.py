@@ -113,8 +113,8 @@ def completions(rec: dict, tok) -> list[list[int]]:
   each reply that ended."""
   if rec.get("response_ids"):
     return [list(x) for x in rec["response_ids"]]
-  end = tok.special_ids["<|end|>"]
-  return [tok.encode(t) + ([end] if e else []) for t, e in zip(rec["responses"], rec["ended"])]
+  return [chat.reply_ids(tok, rec["prompt"], t, ended=e)
+          for t, e in zip(rec["responses"], rec["ended"])]
 
 
 def to_arrays(recs: list[dict], tok, *, seq_len: int) -> tuple[dict, dict]:
