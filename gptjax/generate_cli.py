@@ -71,8 +71,8 @@ def _fit_new_tokens(model, prompt_len: int, requested: int | None, default: int)
 def _turn_end_ids(tok) -> tuple[int, ...]:
   """EOS and, when the tokenizer has the chat template's tokens, `<|end|>`: a model trained on
   conversations ends a reply with it, and streaming the raw marker would show its text."""
-  end = getattr(tok, "special_ids", {}).get("<|end|>")
-  return (tok.eos_id,) + ((end,) if end is not None else ())
+  ids = (tok.eos_id, getattr(tok, "special_ids", {}).get("<|end|>"))
+  return tuple(i for i in ids if i is not None)      # an imported tokenizer may lack either
 
 
 def _reports_usage_errors(fn):
