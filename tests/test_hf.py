@@ -83,7 +83,9 @@ def test_logits_match_transformers(tiny, family):
 
 
 def test_export_round_trip_through_transformers(tiny, tmp_path):
-  for family in ("gpt2", "qwen3", "gemma3_text"):
+  # Export writes the older rope_theta/rope_scaling form that Hub configs carry, so this also
+  # reads that form (llama3 and linear scaling, Gemma's rope_local_base_freq).
+  for family in ("gpt2", "llama", "qwen3", "gemma3_text"):
     d, ref_model = tiny[family]
     model, params, tok = hf.load_pretrained(d)
     out = str(tmp_path / family)
@@ -118,6 +120,23 @@ def test_sharded_checkpoints_both_ways(tiny, tmp_path):
   real = mask.astype(bool)
   np.testing.assert_allclose(torch_logits(back, ids, mask, pos)[real],
                              torch_logits(ref_model, ids, mask, pos)[real], atol=TOL, rtol=0)
+
+
+def test_gpt2_hub_layout(tiny, tmp_path):
+  """The Hub's gpt2 checkpoint is a GPT2Model: names without 'transformer.', and the causal-mask
+  buffers `h.N.attn.bias` stored beside the weights."""
+  from safetensors.numpy import load_file, save_file
+  d, _ = tiny["gpt2"]
+  hub = str(tmp_path / "hub")
+  shutil.copytree(d, hub)
+  tensors = {k.removeprefix("transformer."): v
+             for k, v in load_file(os.path.join(d, "model.safetensors")).items()}
+  tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+  save_file(tensors, os.path.join(hub, "model.safetensors"))
+  _, want, _ = hf.load_pretrained(d)
+  _, got, _ = hf.load_pretrained(hub)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sharded_load_on_eight_devices(tiny):
