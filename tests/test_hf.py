@@ -369,3 +369,21 @@ def test_ppo_from_hf_policy_driven_by_hf_reward_model(tiny, tmp_path):
   _, want, _ = hf.load_pretrained(rm_dir)
   np.testing.assert_array_equal(np.asarray(rm_params["scalar_head"]["kernel"]),
                                 np.asarray(want["scalar_head"]["kernel"]))
+
+
+def test_a_gptjax_pretrained_model_exports_as_gpt2(micro_run, tmp_path, capsys):
+  """A model gptjax trained itself (GPT-2 variant, char tokenizer) exports as GPT2LMHeadModel
+  with the same logits; its tokenizer has no HF form and the export says so."""
+  from gptjax import checkpoint as ckpt_lib
+  from gptjax import main
+  workdir, _ = micro_run
+  out = str(tmp_path / "gpt2")
+  assert main.main(["export-hf", "--workdir", workdir, "--out", out]) == 0
+  assert "has no Hugging Face form" in capsys.readouterr().out
+  model, params, _, _ = ckpt_lib.load_for_inference(workdir)
+  back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+  assert type(back).__name__ == "GPT2LMHeadModel"
+  ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 16))
+  mask, pos = np.ones_like(ids), np.broadcast_to(np.arange(16), (2, 16))
+  np.testing.assert_allclose(torch_logits(back, ids, mask, pos),
+                             our_logits(model, params, ids, mask, pos), atol=TOL, rtol=0)

@@ -100,10 +100,6 @@ def load_pretrained(directory: str, *, dtype=None, mesh=None, rules=None):
   return model, params, tok
 
 
-def _host(x) -> np.ndarray:
-  return shd.to_host(x)
-
-
 def _fold_score_bias(cfg, flat: dict) -> dict:
   """HF's `score` head has no bias. Ours is exported exactly: a zero bias is dropped; a nonzero
   one moves into the final LayerNorm's bias (shifting it by b·w/|w|² adds b to w·h, and a
@@ -133,7 +129,7 @@ def save_pretrained(model, params, tokenizer, out_dir: str, *, dtype=None,
   family = configs.export_family(cfg)
   head = "score" if cfg.scalar_head else "lm"
   prefix = "transformer." if family == "gpt2" else "model."
-  flat = {p: _host(x) for p, x in traverse_util.flatten_dict(nn.meta.unbox(params)).items()}
+  flat = {p: shd.to_host(x) for p, x in traverse_util.flatten_dict(nn.meta.unbox(params)).items()}
   if cfg.scalar_head:
     flat = _fold_score_bias(cfg, flat)
     flat = {p: x for p, x in flat.items() if p[0] != "lm_head"}
@@ -194,13 +190,14 @@ def import_to_workdir(model_dir: str, workdir: str, *, dtype=None) -> str:
   return workdir
 
 
-def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype=None):
+def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype=None,
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
   """The newest checkpoint of a gptjax workdir (any stage) as a Hugging Face model directory."""
   from gptjax import checkpoint as ckpt_lib
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise HFError(f"{workdir}: no config.json; is it a gptjax workdir?")
   model, params, tok, _ = ckpt_lib.load_for_inference(workdir, step)
-  return save_pretrained(model, params, tok, out_dir, dtype=dtype)
+  return save_pretrained(model, params, tok, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 def resolve_init(spec: str, workdir: str, name: str) -> str:
@@ -253,12 +250,7 @@ def export_main(argv) -> int:
   p.add_argument("--dtype", default=None, choices=sorted(set(_DTYPE_NAMES.values())))
   p.add_argument("--max_shard_gb", type=float, default=MAX_SHARD_BYTES / 1024 ** 3)
   args = p.parse_args(argv)
-  from gptjax import checkpoint as ckpt_lib
-  model, params, tok, _ = ckpt_lib.load_for_inference(args.workdir, args.step) if os.path.exists(
-      os.path.join(args.workdir, "config.json")) else (None,) * 4
-  if model is None:
-    raise HFError(f"{args.workdir}: no config.json; is it a gptjax workdir?")
-  files = save_pretrained(model, params, tok, args.out, dtype=args.dtype,
-                          max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+  files = export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                         max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
   print(f"exported {args.workdir} to {args.out}: {', '.join(files)}")
   return 0

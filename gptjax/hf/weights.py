@@ -208,11 +208,6 @@ def _layer_names(src: Source, num_layers: int) -> list[str]:
   return [src.name]
 
 
-def needed_sources(sources: dict, abstract_paths) -> dict:
-  """The sources of the parameters the model really has (e.g. no biases in Llama)."""
-  return {path: sources[path] for path in abstract_paths}
-
-
 def load_params(ckpt: Checkpoint, sources: dict, targets: dict) -> dict:
   """{path: jax.Array}: each parameter read slice by slice into `targets[path]`
   (a ShapeDtypeStruct with a sharding). Stacked [L, ...] parameters read one layer at a time."""
