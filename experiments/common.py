@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=100, batch_size=16, grad_accum=1, log_every=10, eval_every=50, eval_batches=4,
       sample_every=0, sample_tokens=64, sample_prompts=("ROMEO:\n",), checkpoint_every=50,
-      keep_checkpoints=3, init_from=""))
+      keep_checkpoints=3, init_from="", nan_policy="halt"))
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)          # (data, fsdp, tensor); one -1 takes the remaining devices

@@ -27,16 +27,12 @@ def _train(argv):
   p.add_argument("--import", dest="imports", action="append", default=[],
                  help="a module name or .py file to import first, e.g. one that registers a loss")
   args = p.parse_args(rest)
-  try:
-    for item in args.imports:
-      import_user_module(item)
-    cfg = config_lib.load(args.config, overrides)
-    _distributed(cfg)
-    from gptjax.stages import run_stage
-    res = run_stage(cfg, args.workdir, progress=not args.no_progress)
-  except config_lib.ConfigError as e:
-    print(f"gptjax: config error: {e}", file=sys.stderr)
-    return 2
+  for item in args.imports:
+    import_user_module(item)
+  cfg = config_lib.load(args.config, overrides)
+  _distributed(cfg)
+  from gptjax.stages import run_stage
+  res = run_stage(cfg, args.workdir, progress=not args.no_progress)
   return 128 + 15 if getattr(res, "interrupted", False) else 0
 
 
@@ -79,6 +75,14 @@ def _distributed(cfg):
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # Every command ends the same way on a problem the user can fix: one line, exit status 2 (3 for
+  # a non-finite loss); GPTJAX_TRACEBACK=1 shows the traceback instead. Entered first, so that a
+  # SIGTERM while jax loads is reported too.
+  from gptjax import errors
+  return errors.run_command(_dispatch, argv)
+
+
+def _dispatch(argv) -> int:
   # Before anything starts a JAX backend: it only reaches threads that have not allocated yet.
   from gptjax import perf
   perf.retain_host_memory()

@@ -102,8 +102,13 @@ def stage_fingerprint(cfg, name: str, run_dir: str) -> dict:
   else:
     parts = {}
   parts["seed"] = cfg.seed
+  flat = _flat(parts)
+  # A completed stage under the default policy never met a non-finite step, so its result is the
+  # same as without the field; leaving it out keeps runs finished before the field existed valid.
+  for key in [k for k, v in flat.items() if k.endswith("train.nan_policy") and v == "halt"]:
+    del flat[key]
   # A JSON round trip, so a fingerprint read back from done.json compares equal to a fresh one.
-  return json.loads(json.dumps(_flat(parts), sort_keys=True, default=str))
+  return json.loads(json.dumps(flat, sort_keys=True, default=str))
 
 
 def _config_changes(old: dict, new: dict) -> list[str]:

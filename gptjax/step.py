@@ -91,7 +91,13 @@ def _global_norm(tree):
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, model,
                     state_sharding=None, mesh=None, grad_accum: int = 1, schedule=None,
                     donate: bool = True):
-  """Returns `step(state, batch, frozen) -> (state, metrics)`, jitted once per batch shape."""
+  """Returns `step(state, batch, frozen) -> (state, metrics)`, jitted once per batch shape.
+
+  A step whose loss, gradient norm or new parameters are not finite leaves the parameters and the
+  optimizer state as they were (only the step counter moves on) and reports
+  `train/nonfinite` = 1. The guard is a select inside the step, so a NaN can never reach the
+  state, whatever the caller then decides (halt or skip) and however late it looks at the flag.
+  """
 
   def compute(params, batch, frozen, rng):
     return loss_fn(params, batch, frozen=frozen, rng=rng, model=model)
@@ -134,12 +140,17 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
     metrics["train/loss"] = loss
-    metrics["train/grad_norm"] = _global_norm(grads)
+    metrics["train/grad_norm"] = grad_norm = _global_norm(grads)
     metrics["train/update_norm"] = _global_norm(updates)
-    metrics["train/param_norm"] = _global_norm(params)
+    metrics["train/param_norm"] = param_norm = _global_norm(params)
     if schedule is not None:
       metrics["train/lr"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # The parameter norm catches an update that overflowed although its gradient was finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics["train/nonfinite"] = (~finite).astype(jnp.int32)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
     return new_state, metrics
 
   out_sh = (state_sharding, None) if state_sharding is not None else None

@@ -48,6 +48,31 @@ class TrainResult:
   timings: dict = dataclasses.field(default_factory=dict)
 
 
+class NonFiniteError(RuntimeError):
+  """A step's loss, gradient norm or parameters were NaN or infinite under nan_policy='halt'.
+
+  Raised after the loop has closed its files; nothing after the last good checkpoint is saved."""
+
+  exit_code = 3
+
+
+NAN_POLICIES = ("halt", "skip")
+# The number of skipped updates travels inside the checkpoint's JSON beside the data position, so
+# a resumed run keeps counting from where it was.
+_SKIPPED_KEY = "trainer/nonfinite_skipped"
+_WATCHED = ("train/loss", "train/grad_norm", "train/param_norm")
+
+
+def _nonfinite_message(workdir, step, metrics, saved_steps) -> str:
+  bad = [k for k in _WATCHED if k in metrics and not np.isfinite(float(metrics[k]))]
+  shown = ", ".join(f"{k}={float(metrics[k])}" for k in bad) or "a non-finite value"
+  kept = (f"checkpoints kept: steps {', '.join(map(str, saved_steps))}" if saved_steps
+          else "no checkpoint was written")
+  return (f"{shown} at step {step} in {workdir}; the run stops (train.nan_policy="
+          f"'halt') and the update was not applied or saved; {kept}. Lower optim.lr or raise "
+          f"optim.warmup_steps, or set --config.train.nan_policy=skip to skip such steps.")
+
+
 class _StopFlag:
   """Turns SIGTERM/SIGINT into a request to save and stop after the current step."""
 
@@ -106,6 +131,10 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
   """
   t_cfg = cfg.train
   total = int(t_cfg.steps if steps is None else steps)
+  nan_policy = t_cfg.get("nan_policy", "halt")
+  if nan_policy not in NAN_POLICIES:
+    raise config_lib.ConfigError(f"train.nan_policy: expected one of {NAN_POLICIES}, got "
+                                 f"{nan_policy!r}")
   rules = shd.rules_from_config(cfg.mesh.rules)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -142,9 +171,12 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
   restored = ckpt.restore(abstract_state)
   if restored is not None:
     state, data_state, at = restored
+    data_state = dict(data_state)
+    skipped_before = int(data_state.pop(_SKIPPED_KEY, 0))
     source.set_state(data_state)
     print(f"[{workdir}] resumed from step {at}", flush=True)
   else:
+    skipped_before = 0
     state = jax.jit(make_state, out_shardings=state_sh)(init_rng)
     if init_from is not None:
       params = init_from(state.params)
@@ -171,12 +203,44 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
   pending_source_metrics = {}
   safe = getattr(source, "checkpoint_safe", lambda: True)
   save_due = False
+  # Non-finite steps never change the state (the step selects the old one on device). Under
+  # 'halt' the loop reads each step's flag one step late, after the next step is queued, so the
+  # device never waits on the host; under 'skip' the count stays on the device until a log or a
+  # save reads it.
+  skipped = jax.numpy.asarray(skipped_before, jax.numpy.int32)
+  unchecked = None                 # (step, metrics) whose flag the host has not read yet
+  halted = None
+
+  def first_nonfinite(pending):
+    if pending is None or nan_policy != "halt":
+      return None
+    at, m = pending
+    return _nonfinite_message(workdir, at, jax.device_get(m), ckpt.all_steps()) if int(
+        jax.device_get(m["train/nonfinite"])) else None
+
+  def save(at):
+    nonlocal halted
+    halted = halted or first_nonfinite(unchecked)
+    if halted:
+      return False
+    data = source.get_state()
+    if nan_policy == "skip":
+      data = {**data, _SKIPPED_KEY: int(jax.device_get(skipped))}
+    ckpt.save(at, state, data)
+    return True
+
   with _StopFlag() as stop:
     while step < total:
       t0 = time.perf_counter()
       batch = source.next(view(state))
       state, metrics = train_step(state, batch, frozen)
       step += 1
+      halted = first_nonfinite(unchecked)
+      if halted:
+        break
+      unchecked = (step, metrics)
+      if nan_policy == "skip":
+        skipped = skipped + metrics["train/nonfinite"]
       first = timings["steps"] == 0 and timings["compile_s"] == 0.0
       if first:
         jax.block_until_ready(state.params)
@@ -193,6 +257,13 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(pending_source_metrics)
         pending_source_metrics = {}
+        unchecked = (step, metrics)
+        halted = first_nonfinite(unchecked)
+        if halted:
+          break
+        unchecked = None
+        if nan_policy == "skip":
+          metrics["train/skipped_steps"] = float(jax.device_get(skipped))
       if log_now:
         elapsed = time.perf_counter() - window_t
         if window_steps:
@@ -244,10 +315,12 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
       if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < total:
         save_due = True
       if save_due and safe():
-        ckpt.save(step, state, source.get_state())
+        if not save(step):
+          break
         save_due = False
       if stop.signum is not None and safe():
-        ckpt.save(step, state, source.get_state())
+        if not save(step):
+          break
         name = signal.Signals(stop.signum).name
         msg = (f"[{workdir}] {name}: saved checkpoint at step {step}; run the same command again "
                "to resume.")
@@ -258,7 +331,7 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
         result.interrupted = True
         break
     else:
-      ckpt.save(step, state, source.get_state())
+      save(step)
 
     # Still under the flag: a SIGTERM during the final save and its wait (ckpt.close) must not
     # kill the process half-way through writing the checkpoint. A stop asked for after the last
@@ -269,6 +342,11 @@ def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_par
     writer.close()
     ckpt.close()
     result.stop_requested = stop.signum is not None
+  if halted:
+    raise NonFiniteError(halted)
+  if nan_policy == "skip" and int(jax.device_get(skipped)):
+    print(f"[{workdir}] train.nan_policy='skip': {int(jax.device_get(skipped))} step(s) had a "
+          "non-finite loss or gradient and changed nothing", flush=True)
   result.state, result.step, result.last_metrics, result.timings = (view(state), step, last_logged,
                                                                       timings)
   return result
