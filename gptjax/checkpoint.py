@@ -89,7 +89,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
       create=False, enable_async_checkpointing=False))
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"init_from: no checkpoint under {directory}")
+    raise FileNotFoundError(f"no checkpoint under {directory}: the run there has saved none (yet)")
   target = {"params": abstract_params}
   # Leaves without a sharding (inference loads) are replicated over all devices, so the same
   # call works on one CPU and under a mesh.

@@ -37,7 +37,11 @@ def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
   """`experiments/x.py:tiny` plus overrides like `train.steps=100` -> a locked ConfigDict."""
   path, _, arg = spec.partition(":")
   module = load_module(path)
-  cfg = module.get_config(arg) if arg else module.get_config(None)
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config(None)
+  except (ValueError, KeyError, TypeError) as e:
+    # An unknown preset, mostly; a config file is the user's input, so its complaint is theirs.
+    raise ConfigError(f"{spec}: {e}") from None
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
   apply_overrides(cfg, overrides)
@@ -151,9 +155,40 @@ def validate(cfg, num_devices: int | None = None, num_processes: int = 1) -> Non
       raise ConfigError(f"train.{f}: must be >= 0 (0 disables), got {t[f]}")
   if t.keep_checkpoints < 1:
     raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+  if t.get("nan_policy", "halt") not in ("halt", "skip"):
+    raise ConfigError(f"train.nan_policy: expected 'halt' or 'skip', got {t.nan_policy!r}")
+  check_ranges(cfg)
   from gptjax import losses
   if cfg.loss.name not in losses.names():
     raise ConfigError(f"loss.name: unknown loss {cfg.loss.name!r}; registered: {losses.names()}")
+
+
+def check_ranges(cfg) -> None:
+  """Values a type check lets through but training cannot use (e.g. a negative learning rate
+  trains, uphill)."""
+  rules = {"optim.lr": (lambda v: v >= 0, ">= 0"),
+           "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+           "optim.clip_norm": (lambda v: v >= 0, ">= 0 (0 disables)"),
+           "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+           "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+           "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "optim.eps": (lambda v: v > 0, "> 0"),
+           "model.dropout_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "data.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)")}
+  checks = []
+  for field, (ok, expected) in rules.items():
+    group, name = field.split(".")
+    if group in cfg and name in cfg[group]:
+      value = cfg[group][name]
+      checks.append((field, value, ok(value), expected))
+  if "loader" in cfg.data and cfg.get("stage") == "pretrain":
+    checks.append(("data.loader", cfg.data.loader,
+                   cfg.data.loader in ("windows", "packed", "grain"),
+                   "'windows', 'packed' or 'grain'"))
+  for field, value, ok, expected in checks:
+    if not ok:
+      raise ConfigError(f"{field}: expected {expected}, got {value!r}")
 
 
 def model_config(cfg):

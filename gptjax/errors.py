@@ -78,6 +78,10 @@ def message(e: BaseException) -> str:
     text = f"{where}: {e.strerror}" if where else e.strerror
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       text += free_space_note(where)
+    elif e.errno in (errno.EEXIST, errno.ENOTDIR) and where:
+      text += "; expected a directory there (a file is in the way)"
+    elif e.errno == errno.EROFS:
+      text += "; the disk is read-only, choose a writable --workdir"
     return text
   return " ".join(str(e).split("\n")) if str(e) else type(e).__name__
 

@@ -39,6 +39,21 @@ class UsageError(Exception):
   """Bad input to `sample`/`chat`: reported as one line and exit status 2."""
 
 
+def check_args(args) -> None:
+  """Flags that parse but cannot work end in one clear line, before anything loads."""
+  rules = [("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+           ("top_k", args.top_k >= 0, ">= 0 (0 = off)"),
+           ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+           ("min_p", 0 <= args.min_p < 1, "in [0, 1)"),
+           ("repetition_penalty", args.repetition_penalty > 0, "> 0 (1 = off)"),
+           ("max_new_tokens", args.max_new_tokens is None or args.max_new_tokens > 0, "> 0")]
+  if hasattr(args, "num_samples"):
+    rules.append(("num_samples", args.num_samples > 0, "> 0"))
+  for flag, ok, expected in rules:
+    if not ok:
+      raise UsageError(f"--{flag}: expected {expected}, got {getattr(args, flag)!r}")
+
+
 def _load(workdir: str, step):
   from gptjax import checkpoint
   try:
@@ -98,6 +113,7 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   p.add_argument("--stop", action="append", default=[],
                  help="a string that ends a sample (repeatable)")
   args = p.parse_args(argv)
+  check_args(args)
 
   import numpy as np
   from gptjax import prompting, sampling
@@ -145,6 +161,7 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
   _add_controls(p, temperature=0.7, max_new_tokens=256)
   p.add_argument("--system", default="", help="a system message to start with")
   args = p.parse_args(argv)
+  check_args(args)
   if write is None:
     def write(s):
       sys.stdout.write(s)

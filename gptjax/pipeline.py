@@ -453,6 +453,13 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
   stages = list(cfg.pipeline.stages)
   for s in stages:
     stage_fn(cfg, s)                 # an unknown stage is an error before anything runs
+  for s in stages:
+    # Caught before hours of earlier stages, not when the stage starts.
+    if s in cfg and isinstance(cfg[s], type(cfg)) and "optim" in cfg[s]:
+      try:
+        config_lib.check_ranges(cfg[s])
+      except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{s}.{e}") from None
   extra = _extra_seeds(cfg)
   seeded = seeded_stages(cfg) if extra else []
   os.makedirs(run_dir, exist_ok=True)

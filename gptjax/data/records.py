@@ -7,6 +7,11 @@
     preference_jsonl  {"prompt": "..." or messages, "chosen": "...", "rejected": "..."}
     prompts_jsonl     {"prompt": "..." or messages, "reference": "... (optional)"}
 
+Empty strings: a message's `content` may be "" (an assistant turn that only makes a tool call, an
+empty system prompt), and so may `chosen` or `rejected` (an empty reply is a reply), but the two
+must differ. A `text` document, a prompt given as a string, and a whole .txt file must say
+something: empty or whitespace-only ones are errors, not silently dropped.
+
 These functions do not know about TFDS; the builders in `builders.py` store what they return.
 """
 
@@ -39,15 +44,41 @@ def expand_paths(pattern: str, *, source: str) -> list[str]:
   return paths
 
 
+def _not_utf8(path: str, data: bytes, e: UnicodeDecodeError, *, base: int = 0, lineno: int = 0,
+               expected: str) -> DataError:
+  """Names the byte (offset in the file) and line of an encoding error; Python's own message
+  names neither the file nor the line."""
+  offset = base + e.start
+  if not lineno:
+    lineno = data.count(b"\n", 0, e.start) + 1
+  return DataError(f"{path}:{lineno}: field '<bytes>' is not UTF-8 ({e.reason}: byte "
+                   f"0x{data[e.start]:02x} at byte offset {offset} of the file); expected "
+                   f"{expected}")
+
+
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
   """Yields (lineno, object) for each non-blank line; bad JSON raises DataError at its line."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    offset = 0
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, raw, e, base=offset, lineno=lineno,
+                        expected="UTF-8 text, one JSON object per line") from None
+      offset += len(raw)
+      # Without its newline, so that an error's column is on this line (a line cut short used to
+      # be reported at "column 1" of the next one).
+      line = line.rstrip("\r\n")
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
+        if e.pos >= len(line.rstrip()):
+          raise DataError(f"{path}:{lineno}: field '<line>' ends before its JSON object does "
+                          f"({e.msg} at column {e.colno}, the end of the line; was the file cut "
+                          "short?); expected one whole JSON object per line") from None
         raise DataError(f"{path}:{lineno}: field '<line>' is not valid JSON ({e.msg} at column "
                         f"{e.colno}); expected one JSON object per line") from None
       if not isinstance(obj, dict):
@@ -67,11 +98,22 @@ def _string(obj: dict, field: str, where: str, *, optional: bool = False) -> str
   return value
 
 
-def _messages(value, field: str, where: str) -> list[dict]:
+def _messages(value, field: str, where: str, *, prompt: bool = False) -> list[dict]:
+  if prompt and isinstance(value, str) and not value.strip():
+    raise DataError(f"{where}: field '{field}' is empty; expected the text of a prompt")
+  if prompt and not isinstance(value, (str, list)):
+    raise DataError(f"{where}: field '{field}' expected a string or a messages list, got "
+                    f"{type(value).__name__}")
   try:
     if isinstance(value, str):
       return chat.as_messages(value)
-    return chat.validate_messages(value, where=where)
+    messages = chat.validate_messages(value, where=where)
+    if prompt and messages[-1]["role"] == "assistant":
+      # A sampler continues a prompt with the assistant's turn; one that ends with the
+      # assistant's own message would fail only when sampled, far from this line.
+      raise DataError(f"{where}: field 'messages[{len(messages) - 1}].role' is 'assistant'; "
+                      "expected a prompt to end with a user, system or tool message")
+    return messages
   except DataError as e:
     # Name the field as it appears in the file ("prompt", not "messages") when they differ.
     msg = str(e)
@@ -102,14 +144,22 @@ def split_text(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
 def text_records(path: str, *, field: str = "text") -> Iterator[tuple[str, dict]]:
   if path.endswith(".jsonl"):
     for lineno, obj in read_jsonl(path):
-      yield f"{path}:{lineno}", {"text": _string(obj, field, f"{path}:{lineno}")}
+      text = _string(obj, field, f"{path}:{lineno}")
+      if not text.strip():
+        raise DataError(f"{path}:{lineno}: field '{field}' is empty; expected a document's text "
+                        "(leave empty documents out of the file)")
+      yield f"{path}:{lineno}", {"text": text}
   else:
+    with open(path, "rb") as f:
+      data = f.read()
     try:
-      with open(path, encoding="utf-8") as f:
-        text = f.read()
+      text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise DataError(f"{path}: field '<file>' is not UTF-8 text ({e.reason} at byte "
-                      f"{e.start}); expected a .txt file or .jsonl with a '{field}' field") from None
+      raise _not_utf8(path, data, e, expected=f"UTF-8 text (a .txt file, or .jsonl with a "
+                      f"'{field}' field)") from None
+    if not text.strip():
+      raise DataError(f"{path}:1: field '<file>' is empty; expected a document's text (leave "
+                      "empty files out of the glob)")
     for i, doc in enumerate(split_text(text)):
       yield f"{path}#{i}", {"text": doc}
 
@@ -128,9 +178,13 @@ def preference_records(path: str) -> Iterator[tuple[str, dict]]:
     where = f"{path}:{lineno}"
     if "prompt" not in obj:
       raise DataError(f"{where}: field 'prompt' is missing; expected a string or a messages list")
-    yield where, {"prompt": _messages(obj["prompt"], "prompt", where),
-                  "chosen": _string(obj, "chosen", where),
-                  "rejected": _string(obj, "rejected", where)}
+    record = {"prompt": _messages(obj["prompt"], "prompt", where, prompt=True),
+              "chosen": _string(obj, "chosen", where),
+              "rejected": _string(obj, "rejected", where)}
+    if record["chosen"] == record["rejected"]:
+      raise DataError(f"{where}: field 'rejected' equals 'chosen'; expected two different replies "
+                      "(a pair of equal replies says nothing about which is better)")
+    yield where, record
 
 
 def prompt_records(path: str) -> Iterator[tuple[str, dict]]:
@@ -138,7 +192,7 @@ def prompt_records(path: str) -> Iterator[tuple[str, dict]]:
     where = f"{path}:{lineno}"
     if "prompt" not in obj:
       raise DataError(f"{where}: field 'prompt' is missing; expected a string or a messages list")
-    yield where, {"prompt": _messages(obj["prompt"], "prompt", where),
+    yield where, {"prompt": _messages(obj["prompt"], "prompt", where, prompt=True),
                   "reference": _string(obj, "reference", where, optional=True)}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptjax.data.errors import DataError
 from gptjax.data.sources import open_source
 
 
@@ -55,8 +56,17 @@ def tokenizer_main(argv: list[str]) -> int:
       for i in range(n):
         yield from _texts(source[i])
 
-  tok = train_sentencepiece(texts(), vocab_size=args.vocab_size, model_type=args.model_type,
-                            out_dir=args.out, character_coverage=args.character_coverage)
+  from gptjax.config import ConfigError
+  if args.max_examples is not None and args.max_examples <= 0:
+    raise ConfigError(f"--max_examples: expected > 0, got {args.max_examples}")
+  try:
+    tok = train_sentencepiece(texts(), vocab_size=args.vocab_size, model_type=args.model_type,
+                              out_dir=args.out, character_coverage=args.character_coverage)
+  except ValueError as e:
+    if isinstance(e, DataError):
+      raise
+    # Too small a vocabulary, no text at all, a coverage SentencePiece refuses: the flags'.
+    raise ConfigError(f"gptjax tokenizer train: {e}") from None
   print(f"wrote {args.out}: {args.model_type} vocab_size={tok.vocab_size} "
         f"special ids {tok.special_ids}")
   return 0

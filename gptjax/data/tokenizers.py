@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 
+from gptjax.data.errors import DataError
+
 # Names of the reserved tokens, in id order for tokenizers that own their vocabulary.
 SPECIAL_TOKENS = (
     "<pad>", "<bos>", "<eos>", "<unk>",
@@ -91,7 +93,13 @@ def load_tokenizer(directory_or_file: str):
     raise FileNotFoundError(f"no tokenizer at {directory_or_file}: expected {TOKENIZER_FILE} "
                             "(written by tok.save) or a SentencePiece .model file")
   with open(path) as f:
-    meta = json.load(f)
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{e.lineno}: field '<file>' is not valid JSON ({e.msg}); expected "
+                      "a tokenizer.json written by gptjax") from None
+  if not isinstance(meta, dict):
+    raise DataError(f"{path}:1: field '<file>' expected a JSON object")
   if meta.get("kind") == "char":
     return CharTokenizer(meta["chars"])
   if meta.get("kind") == "hf":
@@ -107,4 +115,4 @@ def load_tokenizer(directory_or_file: str):
     if not os.path.isabs(model):
       model = os.path.join(os.path.dirname(path), model)
     return sentencepiece_tokenizer.SentencePieceTokenizer(model)
-  raise ValueError(f"{path}: field 'kind' must be 'char' or 'sentencepiece', got {meta.get('kind')!r}")
+  raise DataError(f"{path}: field 'kind' must be 'char' or 'sentencepiece', got {meta.get('kind')!r}")

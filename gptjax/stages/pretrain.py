@@ -7,6 +7,7 @@ import os
 import jax
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import trainer
 from gptjax.data import shakespeare
@@ -55,8 +56,8 @@ def _iterator(cfg, docs, tok, *, seed: int, batch: int):
     return GrainStreamLoader(docs, seq_len=cfg.data.seq_len, global_batch=batch, seed=seed,
                              pad_id=tok.pad_id, process_index=pi, process_count=pc,
                              worker_count=cfg.data.grain_workers)
-  raise ValueError(f"data.loader: expected 'windows', 'packed' or 'grain', got "
-                   f"{cfg.data.loader!r}")
+  raise config_lib.ConfigError(f"data.loader: expected 'windows', 'packed' or 'grain', got "
+                               f"{cfg.data.loader!r}")
 
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
