@@ -3,23 +3,96 @@
 Resume order when a run starts: (1) the newest readable checkpoint in its own workdir; (2) else the
 parameters of `init_from` (another run's workdir, e.g. the previous stage); (3) else fresh init.
 A checkpoint that cannot be read is reported, moved aside (never deleted: it may still hold
-something a person wants), and the previous one is used.
+something a person wants), and the previous one is used; when none is readable the run stops
+instead of silently starting again from step 0. A save that meets a full or read-only disk stops
+with one message naming the path and the free space; what was saved before stays intact, and
+the half-written `*.orbax-checkpoint-tmp` directory is removed (also those a kill left behind).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import logging
 import os
+import re
+import shutil
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax.errors import CheckpointError, free_space_note
+
 log = logging.getLogger(__name__)
+
+_DISK_ERRORS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the disk is read-only", errno.EACCES: "permission denied"}
+
+
+def _disk_problem(e: BaseException | None) -> int | None:
+  """The errno of a full, read-only or forbidden disk behind `e`, if that is what it is.
+
+  TensorStore reports OS errors as ValueError text ("... [os_error_code='28']"), and orbax
+  re-raises them from its writer threads, so the chain and the text are both searched."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+      return e.errno
+    m = re.search(r"os_error_code='(\d+)'", str(e))
+    if m and int(m.group(1)) in _DISK_ERRORS:
+      return int(m.group(1))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class _DropThreadReports(logging.Filter):
+  """Orbax logs every writer thread's exception with its traceback before re-raising it in the
+  caller (dozens of blocks for one full disk); the caller's exception is what gets reported."""
+
+  def filter(self, record):
+    return "raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_writer_threads():
+  f = _DropThreadReports()
+  loggers = [logging.getLogger("absl"), logging.getLogger()]
+  for lg in loggers:
+    lg.addFilter(f)
+  try:
+    yield
+  finally:
+    for lg in loggers:
+      lg.removeFilter(f)
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _ignore_abandoned_reads() -> None:
+  """Drops the 'Event loop is closed' reports that follow a failed restore, and only those.
+
+  When one read of a damaged checkpoint fails, orbax closes the event loop of that restore while
+  TensorStore is still finishing the other reads it started; their completion callbacks then
+  find the loop closed and Python prints each as an unraisable exception (a traceback per array)
+  although nothing is wrong any more. Installed once, after the first failed restore; every other
+  unraisable exception goes to the previous hook."""
+  import sys
+  previous = sys.unraisablehook
+  if getattr(previous, "_gptjax_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook._gptjax_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -29,9 +102,45 @@ class Checkpointer:
     self._open()
 
   def _open(self):
+    self.clean_partial()
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
                                            enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      if _disk_problem(e) is None:
+        raise
+      raise self._disk_error(e, "cannot create the checkpoint directory") from None
+
+  def clean_partial(self) -> None:
+    """Removes half-written checkpoints (a kill or a full disk during a save). They never hold
+    a whole state, so they cannot be resumed from, and they would fill the disk again."""
+    if jax.process_index() != 0:
+      return
+    for path in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
+      print(f"[checkpoint] removed the partial checkpoint {path}", flush=True)
+
+  def _disk_error(self, e, what: str) -> CheckpointError:
+    code = _disk_problem(e)
+    latest = [s for s in self._steps_on_disk()]
+    kept = (f"the checkpoints already there are intact (newest: step {latest[-1]})" if latest
+            else "no checkpoint was saved before")
+    return CheckpointError(
+        f"{what} under {self.directory}: {_DISK_ERRORS[code]}{free_space_note(self.directory)}; "
+        f"{kept}. Free space (or make the disk writable, or use another --workdir with the "
+        "checkpoints copied over) and run the same command again to resume.")
+
+  def _steps_on_disk(self) -> list[int]:
+    return sorted(int(os.path.basename(p)) for p in glob.glob(
+        os.path.join(glob.escape(self.directory), "[0-9]*")) if os.path.basename(p).isdigit())
+
+  def _prune(self) -> None:
+    """Keeps the newest `keep` checkpoints. Orbax prunes after each save, but a kill between a
+    save and its pruning, or a resume that saves nothing new, used to leave one too many."""
+    steps = self.all_steps()
+    for s in steps[:-self.keep] if len(steps) > self.keep else []:
+      self.manager.delete(s)
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -42,9 +151,17 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, *, force: bool = True) -> None:
     if step in self.manager.all_steps():
       return
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
-    self.manager.wait_until_finished()
+    try:
+      with _quiet_writer_threads():
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+        self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - only a disk problem is turned into a message
+      if _disk_problem(e) is None:
+        raise
+      self.clean_partial()
+      raise self._disk_error(e, f"could not write the checkpoint of step {step}") from None
+    self._prune()
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
@@ -52,24 +169,41 @@ class Checkpointer:
     Returns (state, data_state, step), or None when there is no checkpoint at all.
     """
     steps = self.all_steps() if step is None else [step]
-    for s in reversed(steps):
+    moved = []
+    for i, s in reversed(list(enumerate(steps))):
       try:
-        out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"], s
+        with _quiet_writer_threads():
+          out = self.manager.restore(s, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as e:  # orbax raises many types for a damaged directory
+        _ignore_abandoned_reads()
         if step is not None:
           raise
         bad = os.path.join(self.directory, str(s))
         aside = os.path.join(self.directory, f"unreadable-{s}-{int(time.time())}")
-        log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s and falling back to "
-                    "the previous one", bad, type(e).__name__, str(e)[:300], aside)
-        print(f"WARNING: checkpoint {bad} is unreadable ({type(e).__name__}); falling back to the "
-              f"previous checkpoint. The unreadable one is kept at {aside}.", flush=True)
+        then = (f"falling back to step {steps[i - 1]}" if i else
+                "there is no older checkpoint")
+        log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s; %s", bad,
+                    type(e).__name__, str(e)[:300], aside, then)
+        print(f"WARNING: checkpoint {bad} is unreadable ({type(e).__name__}); {then}. The "
+              f"unreadable one is kept at {aside}.", flush=True)
         if jax.process_index() == 0 and os.path.exists(bad):
           os.rename(bad, aside)
+        moved.append(aside)
         self.manager.close()
         self._open()
+        continue
+      if moved or len(steps) > self.keep:
+        self._prune()
+      return out["state"], out["data"], s
+    if moved:
+      # Starting again from step 0 in this workdir would quietly throw the run's progress
+      # away (and later overwrite what a person may still rescue); that is theirs to decide.
+      raise CheckpointError(
+          f"no readable checkpoint in {self.directory}: every one failed to load and was moved "
+          f"aside ({', '.join(moved)}). To start this run again from step 0, move "
+          f"{os.path.dirname(self.directory)} away (or use another --workdir); to start from "
+          "another run's parameters, set train.init_from.")
     return None
 
   def close(self):

@@ -6,6 +6,8 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -99,3 +101,154 @@ def test_nan_policy_skip_counts_skipped_steps_and_finishes_finite(tmp_path, cach
   # The count is the number of steps whose flag was up (every step is logged here).
   _, params, _, _ = ckpt_lib.load_for_inference(workdir, 12)
   assert _all_finite(params)
+
+
+# ----------------------------------------------------------------------------- checkpoints --
+
+def _damage(checkpoint_dir):
+  for path in glob.glob(os.path.join(checkpoint_dir, "state", "**"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+
+
+def test_no_readable_checkpoint_stops_instead_of_restarting(micro_run, tmp_path, cached_corpus):
+  from gptjax.errors import CheckpointError
+  src, _ = micro_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(src, workdir)
+  for s in (10, 20):
+    _damage(os.path.join(workdir, "checkpoints", str(s)))
+  with pytest.raises(CheckpointError) as info:
+    run_micro(workdir, "train.steps=20", "train.eval_every=10", "train.checkpoint_every=10")
+  msg = str(info.value)
+  aside = sorted(glob.glob(os.path.join(workdir, "checkpoints", "unreadable-*")))
+  assert len(aside) == 2 and all(a in msg for a in aside), msg
+  assert "move" in msg and "step 0" in msg
+  # Nothing was trained or saved from scratch, and nothing was deleted.
+  assert _steps(workdir) == []
+  assert all(os.path.exists(os.path.join(a, "commit_success.txt")) for a in aside)
+
+
+def test_partial_checkpoints_are_removed_and_keep_is_honoured(tmp_path, cached_corpus, capsys):
+  workdir = str(tmp_path / "w")
+  run_micro(workdir, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=4",
+            "train.eval_every=0", "train.log_every=0")
+  assert _steps(workdir) == [2, 4, 6, 8]
+  # What a kill during a save leaves: a half-written step directory.
+  partial = os.path.join(workdir, "checkpoints", "10.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(partial, "state"))
+  capsys.readouterr()
+  # Four checkpoints with keep=3 (a kill between a save and orbax's pruning leaves one too many):
+  # the resumed run trims to three even though it saves nothing new.
+  res = run_micro(workdir, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+                  "train.eval_every=0", "train.log_every=0")
+  assert res.step == 8
+  assert "removed the partial checkpoint" in capsys.readouterr().out
+  assert not os.path.exists(partial)
+  assert _steps(workdir) == [4, 6, 8]
+
+
+def _can_mount_tmpfs(path):
+  os.makedirs(path, exist_ok=True)
+  if os.geteuid() != 0:
+    return False
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", path],
+                        capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_one_message_and_the_run_resumes_after(tmp_path):
+  """A real full disk: a 1.2 MB tmpfs holds two micro checkpoints, not three."""
+  disk = str(tmp_path / "disk")
+  if not _can_mount_tmpfs(disk):
+    pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+  try:
+    workdir = os.path.join(disk, "w")
+    args = ("train", "--config", MICRO, "--workdir", workdir, "--no_progress",
+            "--config.train.steps=12", "--config.train.checkpoint_every=2",
+            "--config.train.eval_every=0", "--config.train.log_every=0")
+    proc = gptjax_cli(*args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("gptjax:")]
+    assert len(errors) == 1 and "checkpoint error" in errors[0], proc.stderr[-3000:]
+    assert workdir in errors[0] and "no space left" in errors[0] and "MiB free" in errors[0]
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+    kept = _steps(workdir)
+    assert kept and kept[-1] < 12
+    subprocess.run(["mount", "-o", "remount,size=8m", disk], check=True)
+    proc = gptjax_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {kept[-1]}" in proc.stdout
+    assert _steps(workdir)[-1] == 12
+    subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+    proc = gptjax_cli(*args[:-4], "--config.train.steps=14")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Read-only file system" in proc.stderr
+  finally:
+    subprocess.run(["umount", disk], capture_output=True)
+
+
+def test_fallback_from_a_damaged_checkpoint_prints_no_stray_traceback(micro_run, tmp_path):
+  # Without its manifest, orbax's reads fail while TensorStore still completes others; their
+  # callbacks used to print "RuntimeError: Event loop is closed" tracebacks.
+  src, _ = micro_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(src, workdir)
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "20", "state", "**", "manifest*"),
+                        recursive=True):
+    os.remove(path)
+  proc = gptjax_cli("train", "--config", MICRO, "--workdir", workdir, "--no_progress",
+                    "--config.train.steps=20", "--config.train.eval_every=0",
+                    "--config.train.checkpoint_every=10", "--config.train.log_every=5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from step 10" in proc.stdout
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, \
+      proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ config gaps --
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=-0.001", "optim.lr"), ("model.dropout_rate=1.0", "model.dropout_rate"),
+    ("model.dropout_rate=-0.1", "model.dropout_rate"), ("data.val_fraction=1.0", "data.val_fraction"),
+    ("data.val_fraction=-0.5", "data.val_fraction"), ("data.loader=shuffled", "data.loader"),
+    ("train.grad_accum=3", "train.grad_accum"), ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every"), ("optim.b2=1.0", "optim.b2"),
+    ("train.nan_policy=ignore", "train.nan_policy"),
+])
+def test_config_values_training_cannot_use_are_named(override, field):
+  from gptjax import config as config_lib
+  cfg = config_lib.load(MICRO, [override, "model.vocab_size=65"])
+  with pytest.raises(config_lib.ConfigError, match=rf"^{re.escape(field)}: "):
+    config_lib.validate(cfg, num_devices=1)
+
+
+def test_every_command_ends_in_one_line_and_its_exit_status(tmp_path):
+  """One subprocess per command family; each prints one `gptjax: ...` line and no traceback."""
+  cases = [
+      (2, "config error: ", ("train", "--config", MICRO.replace(":micro", ":huge"),
+                             "--workdir", str(tmp_path / "a"))),
+      (2, "config error: --temperature", ("sample", "--workdir", str(tmp_path),
+                                          "--temperature", "-1")),
+      (2, "config error: --workdir", ("chat", "--workdir", str(tmp_path / "nothing"))),
+      (2, "config error: gptjax tokenizer train: vocab_size=100 is too small",
+       ("tokenizer", "train", "--source", "shakespeare", "--vocab_size", "100", "--out",
+        str(tmp_path / "tok"))),
+      (2, "config error: pipeline.stages", ("pipeline", "--config", MICRO.replace(
+          "shakespeare_char.py:micro", "shakespeare_assistant.py:micro"), "--workdir",
+          str(tmp_path / "p"), "--config.pipeline.stages=('nope',)")),
+      (3, "non-finite value: train/loss=nan", ("train", "--config", MICRO, "--workdir",
+                                                str(tmp_path / "nan"), "--no_progress",
+                                                "--config.optim.lr=1e6",
+                                                "--config.train.steps=40")),
+  ]
+  for code, text, args in cases:
+    proc = gptjax_cli(*args)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax:")]
+    assert proc.returncode == code, (args, proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith(f"gptjax: {text}"), (args, proc.stderr[-2000:])
+  # For debugging, the traceback on request.
+  proc = gptjax_cli(*cases[1][2], GPTJAX_TRACEBACK="1")
+  assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

@@ -9,7 +9,7 @@
 
 Empty strings: a message's `content` may be "" (an assistant turn that only makes a tool call, an
 empty system prompt), and so may `chosen` or `rejected` (an empty reply is a reply), but the two
-must differ. A `text` document, a prompt given as a string, and a whole .txt file must say
+must differ (unless the record carries a whole ranking, whose replies may tie). A `text` document, a prompt given as a string, and a whole .txt file must say
 something: empty or whitespace-only ones are errors, not silently dropped.
 
 These functions do not know about TFDS; the builders in `builders.py` store what they return.
@@ -75,11 +75,11 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        if e.pos >= len(line.rstrip()):
+        if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string"):
           raise DataError(f"{path}:{lineno}: field '<line>' ends before its JSON object does "
-                          f"({e.msg} at column {e.colno}, the end of the line; was the file cut "
+                          f"({e.msg}: column {e.colno} of {len(line)}; was the file cut "
                           "short?); expected one whole JSON object per line") from None
-        raise DataError(f"{path}:{lineno}: field '<line>' is not valid JSON ({e.msg} at column "
+        raise DataError(f"{path}:{lineno}: field '<line>' is not valid JSON ({e.msg}: column "
                         f"{e.colno}); expected one JSON object per line") from None
       if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: field '<line>' expected a JSON object, "
@@ -120,6 +120,11 @@ def _messages(value, field: str, where: str, *, prompt: bool = False) -> list[di
     if field != "messages":
       msg = msg.replace("field 'messages", f"field '{field}")
     raise DataError(msg) from None
+
+
+def prompt_messages(value, where: str, field: str = "prompt") -> list[dict]:
+  """A prompt field (a non-empty string, or messages not ending with the assistant), checked."""
+  return _messages(value, field, where, prompt=True)
 
 
 def split_text(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
@@ -170,6 +175,10 @@ def chat_records(path: str) -> Iterator[tuple[str, dict]]:
     if "messages" not in obj:
       raise DataError(f"{where}: field 'messages' is missing; expected a list of "
                       "{'role', 'content'} objects")
+    if not isinstance(obj["messages"], list):
+      # A prompt may be a bare string; a conversation must be a list of turns.
+      raise DataError(f"{where}: field 'messages' expected a list of {{'role', 'content'}} "
+                      f"objects, got {type(obj['messages']).__name__}")
     yield where, {"messages": _messages(obj["messages"], "messages", where)}
 
 
@@ -181,7 +190,9 @@ def preference_records(path: str) -> Iterator[tuple[str, dict]]:
     record = {"prompt": _messages(obj["prompt"], "prompt", where, prompt=True),
               "chosen": _string(obj, "chosen", where),
               "rejected": _string(obj, "rejected", where)}
-    if record["chosen"] == record["rejected"]:
+    # (A generated record that carries the whole ranking may have tied replies; a plain pair
+    # of equal replies is a mistake.)
+    if record["chosen"] == record["rejected"] and "responses" not in obj:
       raise DataError(f"{where}: field 'rejected' equals 'chosen'; expected two different replies "
                       "(a pair of equal replies says nothing about which is better)")
     yield where, record

@@ -76,9 +76,7 @@ def read_preferences(path: str) -> list[dict]:
     where = f"{path}:{lineno}"
     if "prompt" not in obj:
       raise DataError(f"{where}: field 'prompt' is missing; expected a string or a messages list")
-    prompt = obj["prompt"]
-    prompt = chat.as_messages(prompt, where=where) if isinstance(prompt, str) else \
-        chat.validate_messages(prompt, where=where)
+    prompt = records.prompt_messages(obj["prompt"], where)
     if "responses" in obj:
       resp, ranks = obj["responses"], obj.get("ranks")
       if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(r, str) for r in resp):
@@ -92,8 +90,22 @@ def read_preferences(path: str) -> list[dict]:
         if not isinstance(obj.get(field), str):
           raise DataError(f"{where}: field '{field}' is missing or not a string")
       resp, ranks = [obj["chosen"], obj["rejected"]], [1, 0]
+      if resp[0] == resp[1]:
+        raise DataError(f"{where}: field 'rejected' equals 'chosen'; expected two different "
+                        "replies")
+    k = len(resp)
     scores = obj.get("scores")
-    ended = obj.get("ended") or [True] * len(resp)
+    if scores is not None and (not isinstance(scores, list) or len(scores) != k or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)):
+      raise DataError(f"{where}: field 'scores' expected {k} numbers (one per response) or null")
+    ended = obj.get("ended") or [True] * k
+    if not isinstance(ended, list) or len(ended) != k or not all(isinstance(x, bool)
+                                                                 for x in ended):
+      raise DataError(f"{where}: field 'ended' expected {k} booleans (one per response)")
+    ids = obj.get("response_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != k or not all(
+        isinstance(x, list) and all(isinstance(t, int) and t >= 0 for t in x) for x in ids)):
+      raise DataError(f"{where}: field 'response_ids' expected {k} lists of token ids or null")
     out.append({"prompt": prompt, "responses": resp, "ranks": ranks, "scores": scores,
                 "ended": ended, "response_ids": obj.get("response_ids")})
   if not out:
