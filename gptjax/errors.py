@@ -5,7 +5,7 @@
     gptjax: checkpoint error: ...                                                    (exit 2)
     gptjax: filesystem error: ...                                                    (exit 2)
     gptjax: non-finite value: train/loss=nan at step 4 in ...               (exit 3)
-    gptjax: stopped by SIGTERM before ...                                           (exit 143)
+    gptjax: stopped: SIGTERM arrived before training started or between stages ... (exit 143)
 
 Everything else is a bug and keeps its traceback. GPTJAX_TRACEBACK=1 shows the traceback for
 the problems above too, for debugging.
@@ -26,15 +26,6 @@ class CheckpointError(RuntimeError):
   """No readable checkpoint to resume from, or one could not be written (disk full, read-only)."""
 
 
-class Stopped(BaseException):
-  """SIGTERM arrived outside a training loop (start-up, between stages); nothing is half-written
-  by stopping there, since every file gptjax writes is written whole or renamed into place."""
-
-  def __init__(self, signum: int):
-    super().__init__(signum)
-    self.signum = signum
-
-
 # The errnos that name a problem with the user's files or disk rather than a bug.
 _FS_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
               errno.ENOSPC, errno.EEXIST, errno.EDQUOT, errno.ENAMETOOLONG}
@@ -42,10 +33,8 @@ _FS_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPE
 
 def classify(e: BaseException) -> tuple[str, int] | None:
   """(kind, exit status) for a problem the user can fix, else None (a bug)."""
-  # Signals first: one may have landed half-way through importing jax, which must not be imported
+  # Ctrl-C first: it may have landed half-way through importing jax, which must not be imported
   # again here.
-  if isinstance(e, Stopped):
-    return "stopped", 128 + e.signum
   if isinstance(e, KeyboardInterrupt):
     return "stopped", 128 + signal.SIGINT
   from gptjax import config as config_lib
@@ -67,10 +56,6 @@ def classify(e: BaseException) -> tuple[str, int] | None:
 
 
 def message(e: BaseException) -> str:
-  if isinstance(e, Stopped):
-    name = signal.Signals(e.signum).name
-    return (f"{name} arrived before training started or between stages; nothing was left "
-            "half-written. Run the same command again to go on.")
   if isinstance(e, KeyboardInterrupt):
     return "interrupted (Ctrl-C); run the same command again to go on."
   if isinstance(e, OSError) and e.strerror:
@@ -104,7 +89,14 @@ def _install_stop_handler():
   The training loop installs its own handler for its duration (save, then stop) and puts this
   one back after. Returns the handler it replaced, or None off the main thread."""
   def handle(signum, frame):
-    raise Stopped(signum)
+    # Exit here rather than raise: an exception raised in a signal handler can land inside a
+    # garbage-collection callback, where Python prints and ignores it and the run goes on. Outside
+    # a training loop, exiting at once is what SIGTERM always did; now it says so.
+    name = signal.Signals(signum).name
+    print(f"gptjax: stopped: {name} arrived before training started or between stages; no "
+          "checkpoint was being written. Run the same command again to go on.", file=sys.stderr,
+          flush=True)
+    os._exit(128 + signum)
   try:
     return signal.signal(signal.SIGTERM, handle)
   except ValueError:              # not the main thread
@@ -116,7 +108,7 @@ def run_command(fn, argv) -> int:
   old = _install_stop_handler()
   try:
     return fn(argv) or 0
-  except (Exception, Stopped, KeyboardInterrupt) as e:  # noqa: BLE001 - bugs are re-raised
+  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - bugs are re-raised
     kind = classify(e)
     if kind is None or os.environ.get("GPTJAX_TRACEBACK", "") not in ("", "0"):
       raise

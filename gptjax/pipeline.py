@@ -194,9 +194,14 @@ def _link(c, name, run_dir):
     _set(c, "rl.reference_workdir", stage_dir(run_dir, "sft"))
     _set(c, "rl.reward_workdir", stage_dir(run_dir, "reward"))
   if name == "dpo":
-    files = _read_json(os.path.join(stage_dir(run_dir, "rm_data"), "files.json"))
-    _set(c, "data.train_source", "preference_jsonl:" + files["train"])
-    _set(c, "data.eval_source", "preference_jsonl:" + files["validation"])
+    # The files of this run directory, not the paths recorded when they were written: a run
+    # moved or copied elsewhere must read its own copy.
+    rm_dir = stage_dir(run_dir, "rm_data")
+    files = _read_json(os.path.join(rm_dir, "files.json"))
+    _set(c, "data.train_source",
+         "preference_jsonl:" + os.path.join(rm_dir, os.path.basename(files["train"])))
+    _set(c, "data.eval_source",
+         "preference_jsonl:" + os.path.join(rm_dir, os.path.basename(files["validation"])))
 
 
 def _rm_data(cfg, run_dir, progress):

@@ -69,15 +69,33 @@ def prompt_set(cfg, split: str, n: int, *, field: str, seed_offset: int = 0) -> 
   return [prompts[i] for i in order[:n]]
 
 
-def _request(cfg, sft_workdir: str) -> dict:
-  """Everything that decides the output; a manifest with the same request is reused."""
+def _as_sampled(cfg, sft_workdir: str):
+  """`cfg` with the SFT run's context length, as the reward stage sees it after adopting SFT's
+  architecture. The prompt budget depends on it, and the pipeline's rm_data stage (which does not
+  adopt) and the reward stage (which does) must ask for the same data: they used to differ, so a
+  reward stage that regenerated the data (in a moved run directory) trained on other prompts."""
+  import copy
+  from gptjax import config as config_lib
+  sft_cfg = config_lib.from_json(os.path.join(sft_workdir, "config.json"))
+  c = copy.deepcopy(cfg)
+  with c.unlocked():
+    c.model.max_len = int(sft_cfg.model.max_len)
+    c.data.seq_len = min(int(c.data.seq_len), int(c.model.max_len))
+  return c, sft_cfg
+
+
+def _request(cfg, sft_workdir: str, sft_cfg) -> dict:
+  """Everything that decides the output; a manifest with the same request is reused. Nothing
+  here names a location, so a run directory moved or copied elsewhere reuses its data."""
   r = cfg.rm_data
   ckpt = ckpt_lib.Checkpointer(sft_workdir)
   step = ckpt.latest_step()
   ckpt.close()
-  return {"sft_workdir": os.path.abspath(sft_workdir), "sft_step": step, "seed": cfg.seed,
+  sft_model = hashlib.sha256(json.dumps(sft_cfg.model.to_dict(), sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
+  return {"sft_model": sft_model, "sft_step": step, "seed": cfg.seed,
           "rm_data": r.to_dict(), "sft": cfg.sft.to_dict(), "seq_len": cfg.data.seq_len,
-          "val_fraction": cfg.data.val_fraction}
+          "max_len": cfg.model.max_len, "val_fraction": cfg.data.val_fraction}
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -120,7 +138,8 @@ def sample_and_label(model, params, tok, prompts: list[list[dict]], *, k: int, s
 def generate(cfg, *, sft_workdir: str, out_dir: str, progress: bool = False) -> dict:
   """Writes train.jsonl and validation.jsonl under `out_dir` (skipped when already complete)."""
   paths = {s: os.path.join(out_dir, f"{s}.jsonl") for s in ("train", "validation")}
-  request = _request(cfg, sft_workdir)
+  cfg, sft_cfg = _as_sampled(cfg, sft_workdir)
+  request = _request(cfg, sft_workdir, sft_cfg)
   digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
   manifest_path = os.path.join(out_dir, MANIFEST)
   complete = False
@@ -155,8 +174,8 @@ def generate(cfg, *, sft_workdir: str, out_dir: str, progress: bool = False) -> 
       _write_jsonl(paths[split], records)
   if jax.process_index() == 0:
     with open(manifest_path + ".tmp", "w") as f:
-      json.dump({"digest": digest, "request": request, "counts": counts, "files": paths}, f,
-                indent=2)
+      json.dump({"digest": digest, "request": request, "counts": counts,
+                 "files": {s: os.path.basename(p) for s, p in paths.items()}}, f, indent=2)
     os.replace(manifest_path + ".tmp", manifest_path)
   # Every process holds the same records (each sampled a share of the batches, then all were
   # gathered); process 0 alone wrote them, and the others read those files next, so none may go

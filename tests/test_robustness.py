@@ -227,28 +227,160 @@ def test_config_values_training_cannot_use_are_named(override, field):
 def test_every_command_ends_in_one_line_and_its_exit_status(tmp_path):
   """One subprocess per command family; each prints one `gptjax: ...` line and no traceback."""
   cases = [
-      (2, "config error: ", ("train", "--config", MICRO.replace(":micro", ":huge"),
+      (2, ": config error: ", ("train", "--config", MICRO.replace(":micro", ":huge"),
                              "--workdir", str(tmp_path / "a"))),
-      (2, "config error: --temperature", ("sample", "--workdir", str(tmp_path),
-                                          "--temperature", "-1")),
-      (2, "config error: --workdir", ("chat", "--workdir", str(tmp_path / "nothing"))),
-      (2, "config error: gptjax tokenizer train: vocab_size=100 is too small",
+      (2, "sample: --temperature", ("sample", "--workdir", str(tmp_path), "--temperature", "-1")),
+      (2, "chat: --workdir", ("chat", "--workdir", str(tmp_path / "nothing"))),
+      (2, ": config error: gptjax tokenizer train: vocab_size=100 is too small",
        ("tokenizer", "train", "--source", "shakespeare", "--vocab_size", "100", "--out",
         str(tmp_path / "tok"))),
-      (2, "config error: pipeline.stages", ("pipeline", "--config", MICRO.replace(
+      (2, ": config error: pipeline.stages", ("pipeline", "--config", MICRO.replace(
           "shakespeare_char.py:micro", "shakespeare_assistant.py:micro"), "--workdir",
           str(tmp_path / "p"), "--config.pipeline.stages=('nope',)")),
-      (3, "non-finite value: train/loss=nan", ("train", "--config", MICRO, "--workdir",
+      (3, ": non-finite value: train/loss=nan", ("train", "--config", MICRO, "--workdir",
                                                 str(tmp_path / "nan"), "--no_progress",
                                                 "--config.optim.lr=1e6",
                                                 "--config.train.steps=40")),
   ]
   for code, text, args in cases:
     proc = gptjax_cli(*args)
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax:")]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax")]
     assert proc.returncode == code, (args, proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith(f"gptjax: {text}"), (args, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith(f"gptjax{text}") or \
+        lines[0].startswith(f"gptjax {text}"), (args, proc.stderr[-2000:])
   # For debugging, the traceback on request.
-  proc = gptjax_cli(*cases[1][2], GPTJAX_TRACEBACK="1")
+  proc = gptjax_cli(*cases[0][2], GPTJAX_TRACEBACK="1")
   assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- determinism --
+
+def test_rm_data_asks_for_the_same_data_from_either_stage_and_any_directory(tmp_path):
+  """The cause of the reward stage's resume difference: the pipeline's rm_data stage sampled
+  prompts cut to the reward preset's context (max_len 32), while the reward stage, after adopting
+  SFT's architecture (max_len 64), asked for prompts cut to another length; and the request named
+  the SFT directory's absolute path. So in a moved or copied run the reward stage regenerated the
+  data, with other prompts, and trained another model. Both stages now ask for one request, and
+  no request names a location."""
+  import copy
+  from conftest import PIPELINE_MICRO
+  from gptjax import config as config_lib
+  from gptjax import rm_data
+  from gptjax.data import tokenizers
+  from gptjax.stages import sft as sft_stage
+  full = config_lib.load(PIPELINE_MICRO)
+  sft_dirs = [str(tmp_path / "a" / "sft"), str(tmp_path / "b" / "sft")]
+  sft_cfg = copy.deepcopy(full.sft)
+  with sft_cfg.unlocked():
+    sft_cfg.model.max_len = full.pretrain.model.max_len     # what SFT adopts from pretraining
+  for d in sft_dirs:
+    os.makedirs(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+      f.write(config_lib.to_json(sft_cfg))
+    tokenizers.CharTokenizer.from_text("abcdefgh ?!\n").save(d)
+  # The rm_data stage's config, as the pipeline builds it (no architecture adopted) ...
+  as_rm_data = copy.deepcopy(full.reward)
+  # ... and the reward stage's, after adopting SFT's architecture.
+  as_reward = copy.deepcopy(full.reward)
+  with as_reward.unlocked():
+    as_reward.train.init_from = sft_dirs[1]
+  sft_stage.adopt_previous_stage(as_reward, str(tmp_path / "reward"), scalar_head=True)
+  assert sft_stage.prompt_char_budget(as_rm_data) != sft_stage.prompt_char_budget(as_reward)
+
+  requests, prompts = [], []
+  for cfg, d in ((as_rm_data, sft_dirs[0]), (as_reward, sft_dirs[1])):
+    eff, seen = rm_data._as_sampled(cfg, d)
+    requests.append(rm_data._request(eff, d, seen))
+    prompts.append(rm_data.prompt_set(eff, "train", 8, field="n", seed_offset=1))
+  assert requests[0] == requests[1]
+  assert prompts[0] == prompts[1]
+  assert not any(str(tmp_path) in json.dumps(r) for r in requests)
+
+
+def test_sigterm_during_start_up_says_so(tmp_path):
+  import signal
+  import time
+  proc = subprocess.Popen([sys.executable, "-m", "gptjax.main", "train", "--config", MICRO,
+                           "--workdir", str(tmp_path / "w"), "--no_progress"],
+                          env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(1.0)                 # importing jax and building the data take longer than this
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "Traceback" not in err
+  assert "gptjax: stopped: SIGTERM arrived before training started" in err, err[-2000:]
+
+
+KILLED_STAGES = ("rm_data", "reward", "ppo", "grpo", "dpo", "compare")
+REDONE = ("rm_data", "reward", "ppo", "grpo", "dpo", "ppo_beta0", "compare", "report")
+
+
+def _params(workdir):
+  _, params, _, _ = ckpt_lib.load_for_inference(workdir)
+  return jax.tree.leaves(jax.device_get(params))
+
+
+def test_a_pipeline_killed_inside_every_stage_in_a_moved_directory_ends_bitwise_equal(
+    micro_pipeline, tmp_path):
+  """The session's straight micro pipeline, copied elsewhere with every stage from rm_data on
+  removed, then run again with a SIGKILL at a random moment inside each of rm_data, reward, ppo,
+  grpo, dpo and compare, and once more to the end: every final checkpoint is bitwise the straight
+  run's, and so are the evaluations and the comparison. One copy and one kill per stage, in
+  order, so the extra cost is about one post-SFT pipeline."""
+  import random
+  import signal
+  import time
+  from conftest import pipeline_cmd
+  seed = int(os.environ.get("GPTJAX_KILL_SEED", time.time_ns() % 10_000))
+  print(f"kill seed {seed} (GPTJAX_KILL_SEED={seed} repeats these kill times)")
+  rng = random.Random(seed)
+  run = str(tmp_path / "elsewhere" / "run")
+  shutil.copytree(micro_pipeline, run, symlinks=True)
+  for name in REDONE:
+    shutil.rmtree(os.path.join(run, name), ignore_errors=True)
+  for name in os.listdir(run):
+    if os.path.isfile(os.path.join(run, name)) and name.startswith(("compare", "report")):
+      os.remove(os.path.join(run, name))
+  killed = []
+  for stage in KILLED_STAGES:
+    proc = subprocess.Popen(pipeline_cmd(run), env=child_env(), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+      for line in proc.stdout:
+        if line.startswith(f"[pipeline] {stage}: running"):
+          break
+      time.sleep(rng.uniform(0.5, 6.0))
+      inside = not os.path.exists(os.path.join(run, stage, "done.json"))
+      proc.send_signal(signal.SIGKILL)
+      proc.communicate(timeout=60)
+      killed.append((stage, inside))
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  assert any(inside for _, inside in killed), killed
+  proc = subprocess.run(pipeline_cmd(run), env=child_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("reward", "ppo", "grpo", "dpo", "ppo_beta0"):
+    for a, b in zip(_params(os.path.join(run, stage)),
+                    _params(os.path.join(micro_pipeline, stage))):
+      np.testing.assert_array_equal(a, b, err_msg=f"{stage} (kills: {killed}, seed {seed})")
+  for rel in ("rm_data/train.jsonl", "rm_data/validation.jsonl", "reward/eval.json",
+              "ppo/eval.json", "grpo/eval.json", "dpo/eval.json", "compare.json"):
+    mine, straight = os.path.join(run, rel), os.path.join(micro_pipeline, rel)
+    if not os.path.exists(straight):
+      continue
+    a, b = _comparable(mine), _comparable(straight)
+    assert a == b, (rel, killed, seed)
+
+
+def _comparable(path):
+  """A result file's content, with what legitimately names the run's own directory made
+  relative to it."""
+  text = open(path).read()
+  run = os.path.dirname(path)
+  while run and not os.path.exists(os.path.join(run, "pipeline_config.json")):
+    run = os.path.dirname(run)
+  return text.replace(run, "<run>")
