@@ -73,14 +73,16 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def _ignore_abandoned_reads() -> None:
-  """Drops the 'Event loop is closed' reports that follow a failed restore, and only those.
+def _ignore_abandoned_io() -> None:
+  """Drops the 'Event loop is closed' reports that follow a failed restore or save, and only
+  those.
 
-  When one read of a damaged checkpoint fails, orbax closes the event loop of that restore while
-  TensorStore is still finishing the other reads it started; their completion callbacks then
-  find the loop closed and Python prints each as an unraisable exception (a traceback per array)
-  although nothing is wrong any more. Installed once, after the first failed restore; every other
-  unraisable exception goes to the previous hook."""
+  When one read of a damaged checkpoint (or one write to a full disk) fails, orbax closes the
+  event loop of that call while TensorStore is still finishing the other reads or writes it
+  started; their completion callbacks then find the loop closed and Python prints each as an
+  unraisable exception (a traceback per array) although the failure itself is already handled.
+  Installed once, when a Checkpointer opens; every other unraisable exception goes to the
+  previous hook."""
   import sys
   previous = sys.unraisablehook
   if getattr(previous, "_gptjax_abandoned_reads", False):
@@ -102,6 +104,7 @@ class Checkpointer:
     self._open()
 
   def _open(self):
+    _ignore_abandoned_io()
     self.clean_partial()
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
                                            enable_async_checkpointing=False)
@@ -176,7 +179,6 @@ class Checkpointer:
           out = self.manager.restore(s, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as e:  # orbax raises many types for a damaged directory
-        _ignore_abandoned_reads()
         if step is not None:
           raise
         bad = os.path.join(self.directory, str(s))
