@@ -19,9 +19,11 @@ directory):
     report        the report card: <run>/report.md (gptjax/reasoning_report.py)
 
 Presets: `micro` (tests: seconds per stage, the numbers mean nothing) and `tiny` (2 CPU cores,
-about 25 minutes). The held-out set holds the training bands plus bands beyond them (one more
-digit, one more step), to test length generalisation. Presets were chosen on validation problems
-(training split), never on held-out ones; benchmarks/RESULTS.md has the trials.
+sized for about 25 minutes; its run has not been measured yet). The held-out set holds the
+training bands plus bands beyond them (one more digit, one more step), to test length
+generalisation. Choose presets on the validation problems (training split; see
+benchmarks/reasoning_pretrain_mix.py), never on held-out ones: benchmarks/RESULTS.md says what
+the current sizes rest on.
 """
 
 import os
