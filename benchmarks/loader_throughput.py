@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax.data.documents import TokenDocuments
-from gptjax.data.grain_loader import GrainStreamLoader
+from gptjax.data.grain_loader import GrainPackedLoader, GrainStreamLoader
 from gptjax.data.loader import PackedLoader
 
 DATE = time.strftime("%Y-%m-%d")
@@ -95,6 +95,13 @@ def main(argv=None):
     sft[method] = (_rate(it, batches=20, per_batch=batch, repeats=args.repeats),
                    it.pack_stats.padding_fraction)
     it.close()
+  sft_grain = {}
+  for workers in [int(w) for w in args.grain_workers.split(",") if w != ""]:
+    it = GrainPackedLoader(masked, seq_len=seq_len, global_batch=batch, seed=0, pad_id=0,
+                           mode="first_fit", process_index=0, process_count=1,
+                           worker_count=workers)
+    sft_grain[workers] = _rate(it, batches=20, per_batch=batch, repeats=args.repeats)
+    it.close()
 
   lines = [f"pretraining (stream packing, B={batch}, T={seq_len}): {pre_tps / 1e6:.1f}M tokens/s"]
   for workers, tps in grain_tps.items():
@@ -103,6 +110,9 @@ def main(argv=None):
   for method, (rows, pad) in sft.items():
     lines.append(f"SFT {method:9s} (B={batch}, T={seq_len}): {rows:,.0f} rows/s, "
                  f"padding {pad:.1%}")
+  for workers, rows in sft_grain.items():
+    lines.append(f"SFT first_fit through grain, {workers} worker processes (same batches): "
+                 f"{rows:,.0f} rows/s")
   for line in lines:
     print(line)
   if args.append:

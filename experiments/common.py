@@ -16,8 +16,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""               # TFDS data_dir; "" means ~/.cache/gptjax/tfds
   c.data.tokenizer = "char"          # 'char', a workdir/tokenizer dir, or a SentencePiece .model
   c.data.seq_len = 64
-  c.data.loader = "windows"          # windows: random windows (nanoGPT); packed: epochs of documents
-  c.data.grain_workers = 0           # data.loader='grain' (packed's batches through grain): processes
+  # Pretraining: windows (random windows, nanoGPT), packed (epochs of documents), or grain (packed's
+  # batches through a grain pipeline). SFT packs always; 'grain' gives it the same batches via grain.
+  c.data.loader = "windows"
+  c.data.grain_workers = 0           # with data.loader='grain': worker processes reading documents
   c.data.val_fraction = 0.1
 
   c.model = ml_collections.ConfigDict(dict(

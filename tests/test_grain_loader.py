@@ -121,3 +121,32 @@ def test_pretraining_through_grain_trains_as_through_the_packed_loader(tmp_path,
   # on the batches the uninterrupted run saw then.
   assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
   assert [loss for _, loss in logged] == losses["grain"]
+
+
+@pytest.mark.parametrize("mode,workers", [("first_fit", 0), ("best_fit", 0), ("pad", 2)])
+def test_grain_sft_batches_stats_and_resume_equal_the_packed_loaders(mode, workers):
+  from gptjax.data.grain_loader import GrainPackedLoader
+  docs = [(d, (np.arange(len(d)) % 2).astype(np.float32)) for d in _docs()]
+  docs[5] = None                                           # nothing to train: counted as dropped
+  # No prefetch: both count examples when they are packed, so a thread running ahead would
+  # make the counts depend on timing.
+  ours = PackedLoader(docs, mode=mode, **_kw(prefetch=0))
+  expected = [next(ours) for _ in range(24)]
+  grain_it = GrainPackedLoader(docs, mode=mode, worker_count=workers, **_kw(prefetch=0))
+  for b in expected:
+    assert _same(next(grain_it), b)
+  # Truncated (seq_len 16 < most examples) and dropped examples are counted alike.
+  assert grain_it.pack_stats.as_dict() == ours.pack_stats.as_dict()
+  assert grain_it.pack_stats.truncated > 0 and grain_it.pack_stats.dropped_untrained > 0
+  ours.close()
+  grain_it.close()
+  first = GrainPackedLoader(docs, mode=mode, worker_count=workers, **_kw())
+  for _ in range(9):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  first.close()
+  resumed = GrainPackedLoader(docs, mode=mode, worker_count=workers, **_kw(prefetch=0))
+  resumed.set_state(state)
+  for b in expected[9:]:
+    assert _same(next(resumed), b)
+  resumed.close()

@@ -88,6 +88,26 @@ def test_sft_end_to_end_and_exact_resume(pretrained, tmp_path):
     assert json.load(f)["model"]["d_model"] == 32
 
 
+def test_sft_through_grain_resumes_onto_the_packed_loaders_weights(pretrained, tmp_path):
+  # data.loader=grain: the same batches through a grain pipeline, its state in the checkpoint.
+  straight = sft.run(sft_cfg(pretrained, "train.steps=8", "sft.eval_prompts=0"),
+                     str(tmp_path / "ours"), progress=False)
+  half = str(tmp_path / "grain")
+  grain = ("data.loader=grain", "sft.eval_prompts=0")
+  sft.run(sft_cfg(pretrained, "train.steps=4", *grain), half, progress=False)
+  resumed = sft.run(sft_cfg(pretrained, "train.steps=8", *grain), half, progress=False)
+  assert resumed.step == straight.step == 8
+  for a, b in zip(params_of(straight.state), params_of(resumed.state)):
+    np.testing.assert_array_equal(a, b)
+  # It resumed (a fresh start would log steps 1-4 twice) from grain's own iterator state.
+  steps = [json.loads(line)["step"] for line in open(os.path.join(half, "metrics.jsonl"))
+           if "train/loss" in line]
+  assert steps == sorted(set(steps)) and steps[-1] == 8
+  data_dir = os.path.join(half, "checkpoints", "4", "data")
+  saved = "".join(open(os.path.join(d, f)).read() for d, _, fs in os.walk(data_dir) for f in fs)
+  assert '"grain"' in saved and '"worker_count"' in saved
+
+
 def test_sft_eval_report(pretrained, tmp_path):
   wd = str(tmp_path / "sft")
   res = sft.run(sft_cfg(pretrained, "train.steps=2", "sft.eval_prompts=4"), wd, progress=False)

@@ -196,7 +196,7 @@ def read_json(path: str):
 class PackedSource(common.LoaderSource):
   """A packed SFT loader as a batch source that also reports its packing counts."""
 
-  def __init__(self, loader: PackedLoader, mesh, prefix: str = "sft"):
+  def __init__(self, loader, mesh, prefix: str = "sft"):
     super().__init__(loader, mesh)
     self.prefix = prefix
 
@@ -308,7 +308,14 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   loader_kw = dict(seq_len=seq, pad_id=tok.pad_id, mode=cfg.data.packing,
                    overlong=cfg.data.overlong)
   train_docs, val_docs = rendered(train_convs, tok), rendered(val_convs, tok)
-  loader = PackedLoader(train_docs, global_batch=gb, seed=cfg.seed, name="sft/train", **loader_kw)
+  if cfg.data.get("loader") == "grain":
+    # The same batches and pack_stats through a grain pipeline (gptjax/data/grain_loader.py).
+    from gptjax.data.grain_loader import GrainPackedLoader
+    loader = GrainPackedLoader(train_docs, global_batch=gb, seed=cfg.seed, name="sft/train",
+                               worker_count=cfg.data.get("grain_workers", 0), **loader_kw)
+  else:
+    loader = PackedLoader(train_docs, global_batch=gb, seed=cfg.seed, name="sft/train",
+                          **loader_kw)
   source = PackedSource(loader, env.mesh)
   loss_fn = common.bind_loss(cfg)
   eval_step = trainer.make_eval_step(loss_fn, env.model)
