@@ -219,8 +219,8 @@ class GptjaxLM(LM):
     until = [until] if isinstance(until, str) else list(until or [])
     max_new = int(max_gen_toks or self.max_gen_toks)
     temperature = float(temperature) if do_sample or float(temperature or 0) > 0 else 0.0
-    if self.learned_positions:
-      # Leave room for the prompt: at least half of the window, as lm-eval's HF model does.
+    if self.learned_positions or max_new >= self.max_length:
+      # Leave room for the prompt: at least half of the window.
       max_new = min(max_new, self.max_length // 2)
     room = self.max_length - max_new
     stops = [ids for ids in (self.tok_encode(s) for s in until if s) if ids]
