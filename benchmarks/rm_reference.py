@@ -80,8 +80,8 @@ def bow_scores(vocab: dict, w: np.ndarray, texts: list[str]) -> np.ndarray:
 
 
 def rm_scores(workdir: str, records: list[dict]) -> np.ndarray:
-  from gptjax.stages import reward
-  return reward.load_reward_model(workdir).score_records(records)
+  from gptjax import reward_model
+  return reward_model.load_reward_model(workdir).score_records(records)
 
 
 def main():

@@ -100,11 +100,13 @@ NOTEBOOKS = {
         ['cfg = run_stages("tokenizer", "pretrain")',
          'curves("pretrain", ["train/loss", "eval/loss"])',
          '''# Sample from the base model with the library's sampler.
-from gptjax.stages import rl as rl_stage, common
-model, params, tok = rl_stage.load_policy(os.path.join(RUN, "pretrain"))
-for p, c in zip(["ROMEO:\\n", "HAMLET:\\n"], common.sample_prompts(
-        model, params, tok, ["ROMEO:\\n", "HAMLET:\\n"], seed=0, max_new_tokens=40)):
-    print(p + c, "\\n---")''']),
+from gptjax import checkpoint, sampling
+model, params, tok = checkpoint.load_for_inference(os.path.join(RUN, "pretrain"))[:3]
+prompts = ["ROMEO:\\n", "HAMLET:\\n"]
+replies, _ = sampling.sample_replies(model, params, [tok.encode(p) for p in prompts], seed=0,
+                                     max_new_tokens=40, pad_id=tok.pad_id, eos_ids=())
+for p, c in zip(prompts, replies):
+    print(p + tok.decode(c), "\\n---")''']),
     "02_sft": notebook(
         "02 · Supervised finetuning: from base model to assistant",
         "A speech from a play is the user's turn and the next speaker's reply the assistant's. The "
@@ -131,7 +133,7 @@ if bon:
     plt.plot(ns, [bon["oracle_gold"][str(n)] for n in ns], ls="--", label="oracle")
     plt.xscale("log", base=2); plt.xlabel("N"); plt.ylabel("gold score"); plt.legend(); plt.show()''',
          '''# Score two replies to the same prompt with the trained reward model.
-from gptjax.stages.reward import load_reward_model
+from gptjax.reward_model import load_reward_model
 from gptjax.data import chat
 scorer = load_reward_model(os.path.join(RUN, "reward"))
 tok = scorer.tokenizer
@@ -164,8 +166,8 @@ display(Markdown(open(os.path.join(RUN, "report.md")).read()))''']),
         "samples; best-of-N reranks by the reward model.",
         ['cfg = run_stages("tokenizer", "pretrain", "sft", "rm_data", "reward")',
          '''from gptjax import prompting
-from gptjax.stages import rl as rl_stage
-model, params, tok = rl_stage.load_policy(os.path.join(RUN, "sft"))
+from gptjax import checkpoint
+model, params, tok = checkpoint.load_for_inference(os.path.join(RUN, "sft"))[:3]
 gen = prompting.make_text_generator(model, params, tok, seed=0, max_new_tokens=24)
 ask = "<|user|>How fares my lord?<|end|><|assistant|>"
 for controls in [dict(temperature=0.0), dict(temperature=0.7, top_k=20),
@@ -177,7 +179,7 @@ prompt = prompting.cot_prompt("What is two and two?")
 votes = prompting.self_consistency(gen, [prompt], n=8, temperature=0.9)
 print(votes[0])''',
          '''# Best-of-N with the reward model as the scorer.
-from gptjax.stages.reward import load_reward_model
+from gptjax.reward_model import load_reward_model
 from gptjax.data import chat
 rm = load_reward_model(os.path.join(RUN, "reward"))
 def rm_scorer(prompt, completions):

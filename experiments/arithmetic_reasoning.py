@@ -26,16 +26,12 @@ benchmarks/reasoning_pretrain_mix.py), never on held-out ones: benchmarks/RESULT
 the current sizes rest on.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import reward as reward_exp  # noqa: E402
-import rl as rl_exp  # noqa: E402
-import sft as sft_exp  # noqa: E402
+from . import common
+from . import reward as reward_exp
+from . import rl as rl_exp
+from . import sft as sft_exp
 
 PRESETS = ("micro", "tiny")
 STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",

@@ -7,11 +7,7 @@ Presets: `124m` (default) and `350m`. FSDP over all devices by default; raise me
 tensor parallelism on large slices.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
+from .common import base_config
 
 
 def get_config(arg=None):

@@ -31,13 +31,9 @@ step counts and learning rates are the usual ones for these sizes, not tuned her
           --config.rl.reward=python:my_rewards.py:score
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reward as reward_exp  # noqa: E402
-import rl as rl_exp  # noqa: E402
-import sft as sft_exp  # noqa: E402
+from . import reward as reward_exp
+from . import rl as rl_exp
+from . import sft as sft_exp
 
 PRESETS = ("sft_tiny", "reward_tiny", "dpo_tiny", "ppo_tiny", "grpo_tiny", "sft_qwen_gpu",
            "dpo_qwen_gpu", "grpo_llama_tpu")

@@ -13,14 +13,10 @@ the SFT run's (they set the prompt cut and the reply budget). Presets: `micro` (
 `gpu`.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
-from sft import sft_fields  # noqa: E402
+from .common import base_config
+from .sft import sft_fields
 
 
 def get_config(arg=None):

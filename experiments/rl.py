@@ -15,13 +15,9 @@ CPU pipeline (each ≤ ~3 min on 2 cores, after SFT and the RM); `*_gpu` for one
 rl/gold_score (VADER) and their rank agreement every iteration, to show reward over-optimisation.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
+from .common import base_config
 
 _TOY_PROMPTS = ("hello", "tell me", "say it", "speak", "what now", "go on", "sing", "why so")
 

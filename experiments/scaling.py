@@ -19,13 +19,9 @@ Presets:
          point `data.source` at a larger corpus for a sweep outside the repetition regime.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
+from .common import base_config
 
 
 def get_config(arg=None):

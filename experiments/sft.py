@@ -11,13 +11,9 @@ half; pairs with shakespeare_char.py:tiny, max_len 64, so replies are at most 24
 `gpu` (pairs with shakespeare_char.py:gpu, max_len 256).
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
+from .common import base_config
 
 
 def sft_fields() -> ml_collections.ConfigDict:

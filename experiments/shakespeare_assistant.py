@@ -19,16 +19,12 @@ prefix of the pipeline. The optional stages `grpo`, `dpo` and `ppo_beta0` (PPO w
 over-optimisation run) are added the same way.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import reward as reward_exp  # noqa: E402
-import rl as rl_exp  # noqa: E402
-import sft as sft_exp  # noqa: E402
+from . import common
+from . import reward as reward_exp
+from . import rl as rl_exp
+from . import sft as sft_exp
 
 PRESETS = ("micro", "tiny", "gpu", "tpu")
 

@@ -7,11 +7,7 @@ Presets: `tiny` trains in a few minutes on 2 CPU cores; `gpu` is nanoGPT's shake
 (6 layers, 6 heads, 384 wide, block 256, dropout 0.2), bfloat16 compute.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
+from .common import base_config
 
 
 def get_config(arg=None):

@@ -21,8 +21,11 @@ import os
 
 import numpy as np
 
-from gptjax import pipeline
-from gptjax.stages import rl as rl_stage
+from gptjax import checkpoint as ckpt_lib
+from gptjax import evaluation
+from gptjax import reward_model
+from gptjax import stage_names
+from gptjax.data import dialogue
 
 
 def _done(run_dir: str, name: str) -> bool:
@@ -33,33 +36,33 @@ def run(cfg, run_dir: str, *, progress: bool = False) -> dict:
   pc = cfg.pipeline
   ppo_cfg = cfg.ppo
   d = lambda name: os.path.join(run_dir, name)
-  sft = rl_stage.load_policy(d("sft"))
+  sft = ckpt_lib.load_for_inference(d("sft"))[:3]
   tok = sft[2]
-  messages = rl_stage.prompt_messages(ppo_cfg, "validation")[:pc.num_eval_prompts]
-  scorer = rl_stage.make_scorer(_with_reward(ppo_cfg, d("reward")))
+  messages = dialogue.prompt_messages(ppo_cfg, "validation")[:pc.num_eval_prompts]
+  scorer = reward_model.make_scorer("rm", d("reward"))
   common = dict(prompts=messages, reference=sft, max_new_tokens=ppo_cfg.rl.max_new_tokens,
                 temperature=ppo_cfg.rl.eval_temperature, prompt_len=ppo_cfg.rl.prompt_len,
                 seed=cfg.seed + 1234)
   policies = {"base": d("pretrain"), "sft": sft}
-  for name in pipeline.COMPARED:
+  for name in stage_names.COMPARED:
     if name in pc.stages and _done(run_dir, name):
       policies[name] = d(name)
   results = {}
   for name, policy in policies.items():
-    loaded = rl_stage.load_policy(policy) if isinstance(policy, str) else policy
+    loaded = ckpt_lib.load_for_inference(policy)[:3] if isinstance(policy, str) else policy
     if name == "base":
       # The base model never saw the chat markers' meaning; it gets the same token prompt and
       # simply continues the document, which is the point of showing it.
       loaded = (loaded[0], loaded[1], tok)
     # The RM scores every policy's kept replies (proxy_mean); sampling does not depend on it.
     bar = (lambda label: f"compare: {label}") if progress else (lambda label: "")
-    results[name] = rl_stage.evaluate_policy(loaded, scorer=scorer, label=name,
-                                             progress=bar(name), **common)
+    results[name] = evaluation.evaluate_policy(loaded, scorer=scorer, label=name,
+                                               progress=bar(name), **common)
     if name == "sft":
       ns = sorted(set(pc.best_of_n) | {BEST_OF_ROW})
       bon, results["best-of-16"] = best_of_n_curve(loaded, scorer=scorer, ns=ns,
                                                    progress=bar("best-of-N"), **common)
-  ordered = ["base", "sft", "best-of-16", *pipeline.COMPARED]
+  ordered = ["base", "sft", "best-of-16", *stage_names.COMPARED]
   out_policies = {}
   for name in ordered:
     if name not in results:
@@ -96,9 +99,9 @@ def best_of_n_curve(sft, *, scorer, ns, prompts, reference=None, progress: str =
   del reference                              # the KL of best-of-N is analytic
   n_max = max(ns)
   repeated = [p for p in prompts for _ in range(n_max)]
-  res = rl_stage.evaluate_policy(sft, prompts=repeated, scorer=scorer, label="best-of-N",
-                                 num_samples=len(repeated), progress=progress,
-                                 **sampling_settings)
+  res = evaluation.evaluate_policy(sft, prompts=repeated, scorer=scorer, label="best-of-N",
+                                   num_samples=len(repeated), progress=progress,
+                                   **sampling_settings)
   reps = res["samples"]
   gold = np.asarray([r["gold"] for r in reps]).reshape(len(prompts), n_max)
   proxy = np.asarray([r["proxy"] for r in reps]).reshape(len(prompts), n_max)
@@ -121,17 +124,9 @@ def best_of_n_curve(sft, *, scorer, ns, prompts, reference=None, progress: str =
       replies = [r["reply"] for r in kept]
       row = {"label": f"best-of-{n}", "n": len(kept), "gold_mean": float(g.mean()),
              "gold_se": se(g), "proxy_mean": float(px.mean()), "proxy_se": se(px),
-             "kl_to_ref": kl, "distinct_2": rl_stage.distinct_n(replies, 2),
+             "kl_to_ref": kl, "distinct_2": evaluation.distinct_n(replies, 2),
              "eos_fraction": float(np.mean([r["ended"] for r in kept])),
              "mean_length": float(np.mean([len(r) for r in replies])), "best_of": n,
              "samples": kept}
   return curve, row
 
-
-def _with_reward(cfg, reward_dir):
-  import copy
-  c = copy.deepcopy(cfg)
-  with c.unlocked():
-    c.rl.reward = "rm"
-    c.rl.reward_workdir = reward_dir
-  return c

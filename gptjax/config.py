@@ -21,10 +21,33 @@ class ConfigError(ValueError):
   pass
 
 
+def _config_package(directory: str) -> str | None:
+  """The name under which a config directory with an `__init__.py` is importable as a package,
+  registered on first use. Its files then import each other relatively (`from . import common`),
+  without putting the directory on sys.path, and two directories never share a name."""
+  if not os.path.exists(os.path.join(directory, "__init__.py")):
+    return None
+  import hashlib
+  import sys
+  name = "gptjax_configs_" + hashlib.sha1(directory.encode()).hexdigest()[:10]
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(directory, "__init__.py"), submodule_search_locations=[directory])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+  return name
+
+
 def load_module(path: str):
+  """Executes a config file afresh (an edited file is read again). A file in a package directory
+  (experiments/ has an `__init__.py`) runs as a module of that package, so its relative imports
+  of sibling config files work."""
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist")
-  name = "gptjax_config_" + os.path.splitext(os.path.basename(path))[0]
+  stem = os.path.splitext(os.path.basename(path))[0]
+  package = _config_package(os.path.dirname(os.path.abspath(path)))
+  name = f"{package}.{stem}" if package else "gptjax_config_" + stem
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

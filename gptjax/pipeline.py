@@ -33,13 +33,8 @@ import jax
 
 from gptjax import config as config_lib
 from gptjax.data.errors import DataError
+from gptjax.stage_names import ALL_STAGES, COMPARED, RL_STAGES, SEEDS_DIR
 
-ALL_STAGES = ("tokenizer", "pretrain", "sft", "rm_data", "reward", "ppo", "grpo", "dpo",
-              "ppo_beta0", "compare", "report")
-# The online RL stages (they read the RM and log rl/* per iteration), and the policies the
-# comparison evaluates beside base, SFT and best-of-16 when they ran.
-RL_STAGES = ("ppo", "grpo", "ppo_beta0")
-COMPARED = ("ppo", "grpo", "dpo", "ppo_beta0")
 DONE_FILE = "done.json"
 
 
@@ -388,18 +383,6 @@ def stage_fn(cfg, name: str):
   raise config_lib.ConfigError(f"pipeline.stages: unknown stage {name!r}; expected one of "
                                f"{ALL_STAGES}, a name in pipeline.stage_fns, or a sub-config "
                                "with a 'stage' field")
-
-
-SEEDS_DIR = "seeds"
-
-
-def seed_dirs(run_dir: str) -> dict:
-  """{seed: run directory} of a run's extra seeds (<run>/seeds/<seed>), those that exist."""
-  root = os.path.join(run_dir, SEEDS_DIR)
-  if not os.path.isdir(root):
-    return {}
-  return {int(d): os.path.join(root, d) for d in sorted(os.listdir(root), key=int)
-          if d.isdigit()}
 
 
 def seeded_stages(cfg) -> list[str]:

@@ -27,7 +27,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
@@ -149,10 +148,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def load_reward_scorer(workdir: str):
   """The outcome RM as `scorer(prompt_ids, completion_ids) -> [B]`, normalised as trained."""
-  try:
-    from gptjax.reward_model import load_reward_model      # the library home of the RM scorer
-  except ImportError:
-    from gptjax.stages.reward import load_reward_model
+  from gptjax.reward_model import load_reward_model
   return load_reward_model(workdir)
 
 

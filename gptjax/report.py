@@ -18,10 +18,10 @@ import matplotlib.ticker
 matplotlib.use("Agg")       # headless: no display on CI machines or TPU VMs
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gptjax import pipeline  # noqa: E402
+from gptjax import stage_names  # noqa: E402
 
 # The stages that train (and so log metrics.jsonl), in the pipeline's order.
-TRAIN_STAGES = tuple(s for s in pipeline.ALL_STAGES
+TRAIN_STAGES = tuple(s for s in stage_names.ALL_STAGES
                      if s not in ("tokenizer", "rm_data", "compare", "report"))
 
 
@@ -280,7 +280,7 @@ def interval(values) -> tuple[float | None, float | None]:
 def seed_runs(run_dir: str) -> dict:
   """{seed: directory} of the main run and its extra seeds (<run>/seeds/<seed>)."""
   cfg = _load_json(os.path.join(run_dir, "pipeline_config.json")) or {}
-  return {cfg.get("seed", 0): run_dir, **pipeline.seed_dirs(run_dir)}
+  return {cfg.get("seed", 0): run_dir, **stage_names.seed_dirs(run_dir)}
 
 
 def aggregate(run_dir: str) -> dict | None:
@@ -413,7 +413,7 @@ def write(run_dir: str) -> str:
 
   # The online RL stages' loss is a surrogate whose value says nothing of progress (it hovers
   # around zero by construction); their curves are the RL section's.
-  loss_stages = [s for s in stages if s not in pipeline.RL_STAGES]
+  loss_stages = [s for s in stages if s not in stage_names.RL_STAGES]
   loss = _plot_curves(run_dir, loss_stages, loss_keys, "Loss curves", "losses.png", "loss")
   if loss:
     lines += ["## Training curves", "", f"![losses]({loss})", ""]
@@ -429,7 +429,7 @@ def write(run_dir: str) -> str:
       lines += [f"| {k} | {_fmt(v)} |" for k, v in rm_eval.items()
                 if isinstance(v, (int, float))]
       lines.append("")
-  rl_stages = [s for s in pipeline.RL_STAGES if s in stages]
+  rl_stages = [s for s in stage_names.RL_STAGES if s in stages]
   rl = _rl_curves(run_dir, rl_stages, "rl.png")
   if rl:
     lines += ["## Reinforcement learning", "",
@@ -464,7 +464,7 @@ def write(run_dir: str) -> str:
 
   lines += ["## Timings", "", "| stage | wall (s) | compile (s) | steps | tokens/s | MFU |",
             "|---|---|---|---|---|---|"]
-  for s in (s for s in pipeline.ALL_STAGES if s != "report"):
+  for s in (s for s in stage_names.ALL_STAGES if s != "report"):
     done = _load_json(os.path.join(run_dir, s, "done.json"))
     if not done:
       continue

@@ -34,9 +34,9 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import labeler
+from gptjax import sampling
 from gptjax import sharding
-from gptjax.data import chat
-from gptjax.stages import sft as sft_stage
+from gptjax.data import chat, dialogue
 
 MANIFEST = "manifest.json"
 
@@ -48,10 +48,10 @@ def prompt_set(cfg, split: str, n: int, *, field: str, seed_offset: int = 0) -> 
   `rm_data.prompts` is `shakespeare:dialogue` (a speech, cut like SFT's) or `prompts_jsonl:PATH`.
   """
   src = cfg.rm_data.prompts
-  if src == sft_stage.DIALOGUE:
-    examples = sft_stage.dialogue_examples(split, val_fraction=cfg.data.val_fraction)
-    chars = sft_stage.prompt_char_budget(cfg)
-    prompts = [sft_stage.dialogue_messages(e, prompt_chars=chars, persona=cfg.sft.persona)[:-1]
+  if src == dialogue.DIALOGUE:
+    examples = dialogue.dialogue_examples(split, val_fraction=cfg.data.val_fraction)
+    chars = dialogue.prompt_char_budget(cfg)
+    prompts = [dialogue.dialogue_messages(e, prompt_chars=chars, persona=cfg.sft.persona)[:-1]
                for e in examples]
   elif src.startswith("prompts_jsonl:"):
     from gptjax.data import sources
@@ -60,7 +60,7 @@ def prompt_set(cfg, split: str, n: int, *, field: str, seed_offset: int = 0) -> 
     prompts = [ds[i]["prompt"] for i in range(len(ds))]
   else:
     from gptjax.config import ConfigError
-    raise ConfigError(f"rm_data.prompts: expected '{sft_stage.DIALOGUE}' or "
+    raise ConfigError(f"rm_data.prompts: expected '{dialogue.DIALOGUE}' or "
                       f"'prompts_jsonl:PATH', got {src!r}")
   if n > len(prompts):
     from gptjax.config import ConfigError
@@ -111,12 +111,12 @@ def sample_and_label(model, params, tok, prompts: list[list[dict]], *, k: int, s
                      labeler_temperature: float, batch_size: int, ties: bool = True,
                      progress: str = "") -> list[dict]:
   """K sampled replies per prompt, scored and ranked by the labeler; one record per prompt."""
-  ids, kept = sft_stage.fit_prompts(prompts, tok, max_len=max_len, reply_tokens=reply_tokens)
+  ids, kept = dialogue.fit_prompts(prompts, tok, max_len=max_len, reply_tokens=reply_tokens)
   repeated = [p for p in ids for _ in range(k)]
-  replies, ended = sft_stage.sample_replies(model, params, tok, repeated, seed=seed,
-                                            max_new_tokens=reply_tokens, temperature=temperature,
-                                            top_k=top_k, batch_size=batch_size,
-                                            progress=progress)
+  replies, ended = sampling.sample_replies(
+      model, params, repeated, seed=seed, max_new_tokens=reply_tokens, temperature=temperature,
+      top_k=top_k, batch_size=batch_size, pad_id=tok.pad_id, eos_ids=chat.reply_stop_ids(tok),
+      progress=progress)
   texts = [chat.parse_reply(r, tok) for r in replies]
   scores = labeler.gold_score(texts).reshape(len(ids), k)
   ranks = labeler.noisy_ranking(scores, temperature=labeler_temperature,

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gptjax import sharding as shd
 from gptjax.losses.common import token_logprobs
 from gptjax.model import _DTYPES, grow_cache, init_cache
 
@@ -503,3 +504,64 @@ def completion_logprobs(model, params, out: SampleOutput, *, temperature: float 
   idx = out.prompt_lengths[:, None] - 1 + jnp.arange(m)[None, :]
   picked = jnp.take_along_axis(lp, jnp.clip(idx, 0, t - 2), axis=1)
   return picked * out.completion_mask
+
+
+# --------------------------------------------------------------------------------------------
+# Many prompts of different lengths: pad, sample in fixed-shape batches, unpad.
+# --------------------------------------------------------------------------------------------
+
+def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, pad_id: int, rows: int | None = None,
+                width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into ([rows, width] int32, lengths [rows] int32). Rows past the lists
+  are all pad with length 1, so a short last batch still has the one compiled shape."""
+  rows = len(prompt_ids) if rows is None else rows
+  width = max(len(p) for p in prompt_ids) if width is None else width
+  arr = np.full((rows, width), pad_id, np.int32)
+  lengths = np.ones(rows, np.int32)
+  for i, p in enumerate(prompt_ids):
+    arr[i, :len(p)] = p
+    lengths[i] = len(p)
+  return arr, lengths
+
+
+def sample_replies(model, params, prompt_ids: Sequence[Sequence[int]], *, seed: int,
+                   max_new_tokens: int, pad_id: int, eos_ids: Sequence[int],
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   batch_size: int = 256, progress: str = ""
+                   ) -> tuple[list[list[int]], np.ndarray]:
+  """One completion per prompt. Returns (completion ids, the stop token included; did it end [N]).
+  `progress`: the label of a console bar over the batches ("" = none).
+
+  Prompts are padded to one width and batches to one size, so the sampler compiles once; batch b
+  samples with fold_in(key(seed), b), so a reply does not depend on what else is sampled in the
+  same call. With parameters whole on each process, each process samples its share of the
+  batches and the results are gathered (`sharding.map_batches`): the replies equal one process's.
+  """
+  stops = tuple(int(e) for e in eos_ids)
+  n = len(prompt_ids)
+  width = max(len(p) for p in prompt_ids)
+  rows = min(batch_size, n)
+
+  def one_batch(params, b):
+    arr, lengths = pad_prompts(prompt_ids[b * rows:(b + 1) * rows], pad_id=pad_id, rows=rows,
+                               width=width)
+    out = generate(model, params, arr, lengths, rng=jax.random.fold_in(jax.random.key(seed), b),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_ids=stops, pad_id=pad_id)
+    got = tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
+    if bar is not None:
+      bar.update(1)
+    return got
+
+  from gptjax import metrics as metrics_lib
+  bar = metrics_lib.batch_bar(progress, -(-n // rows))
+  batches = shd.map_batches(one_batch, -(-n // rows), params)
+  if bar is not None:
+    bar.close()
+  replies, ended = [], []
+  for b, (comp, mask) in enumerate(batches):
+    for i in range(min(rows, n - b * rows)):
+      ids = [int(t) for t in comp[i][mask[i] > 0]]
+      replies.append(ids)
+      ended.append(bool(ids) and ids[-1] in stops)
+  return replies, np.asarray(ended, bool)

@@ -170,7 +170,8 @@ def _final_metrics(workdir: str, steps: int) -> dict:
 def run_sweep(cfg, root: str, *, progress: bool = False) -> int:
   """Runs (or resumes) every run of the plan, then writes the report. Returns an exit status."""
   import jax
-  from gptjax.stages import common, pretrain, run_stage
+  from gptjax.data import corpus
+  from gptjax.stages import common, run_stage
   os.makedirs(root, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:
     # Seeds (and, for init and eval, budgets) compile identical programs; on a small CPU model
@@ -181,10 +182,10 @@ def run_sweep(cfg, root: str, *, progress: bool = False) -> int:
   with cfg.unlocked():
     cfg.stage = "pretrain"
   char_text = (None if os.path.exists(os.path.join(root, "tokenizer.json"))
-               else pretrain._train_text_for_char_vocab(cfg))
+               else corpus.char_vocab_text(cfg))
   tok = common.resolve_tokenizer(cfg, root, build_char_from=char_text)
   common.fill_vocab_size(cfg, tok)
-  train_tokens = len(pretrain.documents(cfg, "train", tok,
+  train_tokens = len(corpus.documents(cfg, "train", tok,
                                         cache_dir=os.path.join(root, "token_cache")).tokens)
   runs = plan(cfg)
   with open(os.path.join(root, "config.json"), "w") as f:

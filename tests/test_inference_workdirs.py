@@ -56,16 +56,18 @@ def test_sample_and_chat_load_every_stage_of_the_micro_layout(micro_pipeline, st
 
 
 def test_sample_and_chat_load_ppo_with_a_critic(critic_run, capsys):
+  import flax.linen as nn
   import jax
   import numpy as np
   from gptjax import checkpoint, config as config_lib
-  from gptjax.stages import rl
   workdir = os.path.join(critic_run, "ppo")
   assert config_lib.from_json(os.path.join(workdir, "config.json")).rl.value_model == "critic"
   _sample_and_chat(workdir, capsys)
   # The loaded parameters are the trained policy's, not the SFT model's or the critic's.
-  _, params, _, _ = checkpoint.load_for_inference(workdir)
-  _, policy, _ = rl.load_policy(workdir)
+  model, params, _, _ = checkpoint.load_for_inference(workdir)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+      jax.random.key(0), np.zeros((1, 1), np.int32))["params"]))
+  policy = checkpoint.restore_params(workdir, {"policy": abstract})["policy"]
   _, sft, _, _ = checkpoint.load_for_inference(os.path.join(critic_run, "sft"))
   jax.tree.map(np.testing.assert_array_equal, params, policy)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),

@@ -173,7 +173,7 @@ def test_lora_rl_micro_run(tmp_path, preset):
   for path, x in lora._flatten(lora.split(init)[1]).items():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(lora._flatten(state.params)[path]))
   # Loading the workdir as a plain GPT merges the adapters: same logits as the trained policy.
-  pol, params, _ = rl_stage.load_policy(str(tmp_path))
+  pol, params, _ = ckpt_lib.load_for_inference(str(tmp_path))[:3]
   x = _tokens(2, 10, seed=5) % cfg.model.vocab_size
   want = _apply(model, state.params, x).logits
   got = _apply(pol, params, x).logits

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import batches, config as config_lib, labeler, rm_data, trainer
+from gptjax import batches, config as config_lib, labeler, reward_model, rm_data, trainer
+from gptjax.data import dialogue, in_memory
 from gptjax.losses import reward as reward_loss
 from gptjax.model import GPT, ModelConfig, ModelOutput
 from gptjax.stages import common, pretrain, reward, sft
@@ -32,7 +33,7 @@ def test_score_at_last_real_token_whatever_the_padding():
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   seq = np.array([5, 9, 3, 7, 11], np.int32)
   direct = model.apply({"params": params}, seq[None]).values[0, -1]
-  score = reward.make_score_fn(model)
+  score = reward_model.make_score_fn(model)
 
   def padded(width, left, pad_id):
     tokens = np.full((1, width), pad_id, np.int32)
@@ -212,7 +213,8 @@ def test_reward_model_learns_a_marker_rule(tmp_path):
   with cfg.unlocked():
     cfg.model.update(vocab_size=16, num_layers=1, d_model=32, max_len=12, scalar_head=True)
   env = common.make_env(cfg, scalar_head=True)
-  source = reward.RewardSource(synthetic_pairs(512, 0), mesh=env.mesh, global_batch=32, seed=0)
+  source = in_memory.InMemorySource(synthetic_pairs(512, 0), wrap=lambda a: batches.RewardBatch(**a),
+                                    mesh=env.mesh, global_batch=32, seed=0)
   result = trainer.train(cfg, workdir=str(tmp_path), model=env.model,
                          loss_fn=common.bind_loss(cfg), source=source, mesh=env.mesh,
                          init_params=common.init_params_fn(env.model), progress=False)
@@ -264,7 +266,7 @@ def test_preference_data_is_generated_once(sft_workdir, tmp_path):
 
 def test_asking_for_more_prompts_than_a_split_has_is_an_error_not_a_shorter_set():
   cfg = load("reward.py:micro")
-  n = len(sft.dialogue_examples("validation", val_fraction=cfg.data.val_fraction))
+  n = len(dialogue.dialogue_examples("validation", val_fraction=cfg.data.val_fraction))
   assert len(rm_data.prompt_set(cfg, "validation", n, field="x")) == n
   with pytest.raises(config_lib.ConfigError,
                      match=rf"rm_data\.validation_prompts: {n + 1} asked for, but "
@@ -290,14 +292,14 @@ def test_reward_end_to_end_exact_resume_and_scorer(sft_workdir, tmp_path):
   assert set(report["best_of_n"]["mean_gold"]) == {"1", "2", "4", "8", "16"}
 
   # The scorer for RL: normalised so the training replies score mean 0, any padding.
-  scorer = reward.load_reward_model(half)
+  scorer = reward_model.load_reward_model(half)
   recs = reward.read_preferences(os.path.join(prefs, "train.jsonl"))
   tok = scorer.tokenizer
   from gptjax.data import chat
   prompts, comps = [], []
   for r in recs:
     p = chat.render_prompt(r["prompt"], tok)
-    for c in reward.completions(r, tok):
+    for c in reward_model.completions(r, tok):
       prompts.append(p)
       comps.append(c)
   scores = scorer(prompts, comps)

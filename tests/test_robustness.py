@@ -267,8 +267,8 @@ def test_rm_data_asks_for_the_same_data_from_either_stage_and_any_directory(tmp_
   from conftest import PIPELINE_MICRO
   from gptjax import config as config_lib
   from gptjax import rm_data
-  from gptjax.data import tokenizers
-  from gptjax.stages import sft as sft_stage
+  from gptjax.data import dialogue, tokenizers
+  from gptjax.stages import common
   full = config_lib.load(PIPELINE_MICRO)
   sft_dirs = [str(tmp_path / "a" / "sft"), str(tmp_path / "b" / "sft")]
   sft_cfg = copy.deepcopy(full.sft)
@@ -285,8 +285,8 @@ def test_rm_data_asks_for_the_same_data_from_either_stage_and_any_directory(tmp_
   as_reward = copy.deepcopy(full.reward)
   with as_reward.unlocked():
     as_reward.train.init_from = sft_dirs[1]
-  sft_stage.adopt_previous_stage(as_reward, str(tmp_path / "reward"), scalar_head=True)
-  assert sft_stage.prompt_char_budget(as_rm_data) != sft_stage.prompt_char_budget(as_reward)
+  common.start_from_previous(as_reward, str(tmp_path / "reward"), scalar_head=True)
+  assert dialogue.prompt_char_budget(as_rm_data) != dialogue.prompt_char_budget(as_reward)
 
   requests, prompts = [], []
   for cfg, d in ((as_rm_data, sft_dirs[0]), (as_reward, sft_dirs[1])):

@@ -432,18 +432,20 @@ def test_chat_cli_acknowledges_system_and_reset(fake_workdir):
 
 def test_sample_replies_shows_a_bar_over_its_batches_only_when_asked(capsys):
   """rm_data, the RM's best-of-N and the comparison sample for minutes; each shows a bar."""
+  from gptjax.data import chat
   from gptjax.data.tokenizers import CharTokenizer
-  from gptjax.stages import sft
   tok = CharTokenizer("abc ")
   model = GPT(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=16,
                           max_len=32))
   params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 4), jnp.int32))["params"]))(
       jax.random.key(0))
   prompts = [[tok.bos_id] + tok.encode("ab")] * 6
-  quiet = sft.sample_replies(model, params, tok, prompts, seed=0, max_new_tokens=3, batch_size=2)
+  kw = dict(seed=0, max_new_tokens=3, batch_size=2, pad_id=tok.pad_id,
+            eos_ids=chat.reply_stop_ids(tok))
+  quiet = sampling.sample_replies(model, params, prompts, **kw)
   assert capsys.readouterr().err == ""
-  shown = sft.sample_replies(model, params, tok, prompts, seed=0, max_new_tokens=3, batch_size=2,
-                             progress="rm_data: sampling train replies")
+  shown = sampling.sample_replies(model, params, prompts, progress="rm_data: sampling train replies",
+                                  **kw)
   err = capsys.readouterr().err
   assert "rm_data: sampling train replies" in err and "3/3" in err, err
   assert quiet[0] == shown[0]

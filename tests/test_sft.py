@@ -9,7 +9,7 @@ import pytest
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
-from gptjax.data import chat, packing
+from gptjax.data import chat, dialogue, packing
 from gptjax.data.tokenizers import CharTokenizer
 from gptjax.stages import pretrain, sft
 
@@ -24,7 +24,7 @@ def load(name, *overrides):
 def test_mask_covers_exactly_the_assistant_tokens():
   ex = {"prompt": "Who goes there? Nay, answer me.", "reply": "Long live the king!",
         "prompt_speaker": "BERNARDO", "reply_speaker": "FRANCISCO"}
-  messages = sft.dialogue_messages(ex, prompt_chars=24, persona=True)
+  messages = dialogue.dialogue_messages(ex, prompt_chars=24, persona=True)
   assert messages[0] == {"role": "system", "content": "You are Francisco."}
   assert messages[1]["content"] == "me."                # the speech's last words within budget
   ids, mask = chat.render(messages, TOK)
@@ -39,18 +39,18 @@ def test_mask_covers_exactly_the_assistant_tokens():
 
 
 def test_tail_words_and_budget():
-  assert sft.tail_words("to be or not to be", 9) == "to be"
-  assert sft.tail_words("short", 9) == "short"
+  assert dialogue.tail_words("to be or not to be", 9) == "to be"
+  assert dialogue.tail_words("short", 9) == "short"
   cfg = load("sft.py:tiny")
-  chars = sft.prompt_char_budget(cfg)
+  chars = dialogue.prompt_char_budget(cfg)
   # A maximal conversation fits a training row, and a prompt leaves the reply budget free.
   assert 4 + chars + cfg.sft.max_reply_chars + 1 <= cfg.data.seq_len + 1
   assert 4 + chars + cfg.sft.reply_tokens <= cfg.model.max_len
 
 
 def test_dialogue_split_is_by_play():
-  train = {e["play"] for e in sft.dialogue_examples("train")}
-  val = {e["play"] for e in sft.dialogue_examples("validation")}
+  train = {e["play"] for e in dialogue.dialogue_examples("train")}
+  val = {e["play"] for e in dialogue.dialogue_examples("validation")}
   assert train and val and not train & val
 
 

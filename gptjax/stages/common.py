@@ -1,17 +1,21 @@
-"""Pieces every stage runner shares: the mesh, the model, the tokenizer and batch sources."""
+"""Pieces every stage runner shares: the mesh, the model, the tokenizer, starting from the previous
+stage, binding the loss and batch sources. Library code: stage runners import it, it imports no
+runner."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from gptjax import batches as batches_lib
+from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import lora
 from gptjax import losses
@@ -143,19 +147,83 @@ def fill_vocab_size(cfg, tok) -> None:
         f"{tok.vocab_size} ids")
 
 
-def sample_prompts(model, params, tok, prompts: list[str], *, seed: int, max_new_tokens: int,
-                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                   eos_ids=(), prompt_ids: list[list[int]] | None = None) -> list[str]:
-  """Samples one completion per prompt; returns the decoded completions."""
-  from gptjax import sampling
-  ids = prompt_ids if prompt_ids is not None else [tok.encode(p) for p in prompts]
-  p = max(len(x) for x in ids)
-  arr = np.full((len(ids), p), tok.pad_id, np.int32)
-  for i, x in enumerate(ids):
-    arr[i, :len(x)] = x
-  out = sampling.generate(model, params, jnp.asarray(arr), jnp.asarray([len(x) for x in ids]),
-                          rng=seed, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, eos_ids=tuple(eos_ids), pad_id=tok.pad_id)
-  comp = np.asarray(out.completion)
-  mask = np.asarray(out.completion_mask)
-  return [tok.decode(comp[i][mask[i] > 0]) for i in range(len(ids))]
+def start_from_previous(cfg, workdir: str, *, scalar_head: bool | None = None):
+  """The one way a stage starts from `train.init_from`: takes that run's architecture into
+  `cfg.model` (keeping RUN_FIELDS and, if given, setting `scalar_head`), shortens lengths that no
+  longer fit its max_len (with a message), and returns the run's tokenizer.
+
+  The tokenizer is the one already in `workdir` (a resumed run never switches); else, with
+  `train.init_from`, that run's (so ids match the network), copied into `workdir`; else None,
+  and the stage calls `resolve_tokenizer` with what a 'char' vocabulary is built from.
+  """
+  prev = cfg.train.init_from
+  if scalar_head is not None:
+    with cfg.unlocked():
+      cfg.model.scalar_head = scalar_head
+  if prev:
+    adopt_architecture(cfg, prev)
+    max_len = int(cfg.model.max_len)
+    with cfg.unlocked():
+      rl = cfg.get("rl")
+      if rl is not None and rl.prompt_len + rl.max_new_tokens > max_len:
+        new = max(max_len - rl.max_new_tokens, 8)
+        print(f"rl.prompt_len: {rl.prompt_len} + rl.max_new_tokens {rl.max_new_tokens} exceeds "
+              f"the max_len {max_len} of {prev}; using prompt_len={new}", flush=True)
+        rl.prompt_len = new
+        rl.max_new_tokens = min(rl.max_new_tokens, max_len - new)
+      if cfg.data.seq_len > max_len:
+        print(f"data.seq_len: {cfg.data.seq_len} exceeds the max_len {max_len} of {prev}; using "
+              f"{max_len}", flush=True)
+        cfg.data.seq_len = max_len
+  if os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
+    return tokenizers.load_tokenizer(workdir)
+  if prev:
+    tok = tokenizers.load_tokenizer(prev)
+    if jax.process_index() == 0:
+      tok.save(workdir)
+    return tok
+  return None
+
+
+def previous_params(cfg):
+  """fresh params -> the parameters of `train.init_from` loaded into them; None without one."""
+  if not cfg.train.init_from:
+    return None
+  return lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
+
+
+def write_json(path: str, obj) -> None:
+  """Writes atomically, so a crash never leaves half a file that a later run would trust."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  """The object in `path`, or None when it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def initial_params(cfg, model, mesh, init_params, init_from):
+  """Recomputes the run's initial parameters exactly as the trainer builds them (same key, same
+  init_from), so the reference is the starting policy whether or not the run is resuming."""
+  rng = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+  boxed = jax.eval_shape(init_params, rng)
+  sh = shd.logical_to_sharding(boxed, mesh, shd.rules_from_config(cfg.mesh.rules))
+  params = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=sh)(rng)
+  return init_from(params) if init_from is not None else params
+
+
+def check_no_dropout(cfg) -> None:
+  """The policy losses (PPO, GRPO, DPO) run the network deterministically: a dropout mask would
+  make the ratio to the old and reference log-probs differ from 1 with no change of parameters.
+  So a dropout rate here would be silently unused; say so instead."""
+  if cfg.model.dropout_rate:
+    raise config_lib.ConfigError(
+        f"model.dropout_rate: {cfg.model.dropout_rate} given, but the {cfg.loss.name} loss runs "
+        "without dropout (its log-prob ratios must be 1 at unchanged parameters); set it to 0")

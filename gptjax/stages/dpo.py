@@ -21,15 +21,14 @@ import jax
 import numpy as np
 
 from gptjax import batches as batches_lib
-from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import lora
 from gptjax import sharding as shd
 from gptjax import trainer
-from gptjax.data import chat, sources
+from gptjax import evaluation
+from gptjax.data import chat, dialogue, in_memory, sources
 from gptjax.losses import dpo as dpo_lib
 from gptjax.stages import common
-from gptjax.stages import rl as rl_stage
 
 
 def _encode_pair_side(prompt_ids, reply_ids, seq_len):
@@ -90,38 +89,17 @@ def reference_logps(model, params, pairs, *, batch_size: int):
   return np.concatenate(out_c), np.concatenate(out_r)
 
 
-class PreferenceSource:
-  """Shuffled epochs over encoded pairs with their reference log-probs; state (epoch, index)."""
+def pair_batch(arrays) -> batches_lib.DPOBatch:
+  """The DPOBatch of encoded pairs and their reference log-probs (rows of `pair_arrays`)."""
+  return batches_lib.DPOBatch(chosen=batches_lib.LMBatch.from_dict(arrays["chosen"]),
+                              rejected=batches_lib.LMBatch.from_dict(arrays["rejected"]),
+                              ref_chosen_logp=arrays["ref_chosen_logp"],
+                              ref_rejected_logp=arrays["ref_rejected_logp"])
 
-  def __init__(self, pairs, ref_c, ref_r, *, batch_size: int, seed: int, mesh=None):
-    self.pairs, self.ref_c, self.ref_r = pairs, ref_c, ref_r
-    self.n = len(ref_c)
-    if self.n < batch_size:
-      raise ValueError(f"train.batch_size={batch_size} exceeds the {self.n} preference pairs")
-    self.batch_size, self.seed, self.mesh = batch_size, seed, mesh
-    self.epoch, self.index = 0, 0
 
-  def _order(self):
-    return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-  def batch(self, idx):
-    side = lambda s: batches_lib.LMBatch.from_dict({k: v[idx] for k, v in self.pairs[s].items()})
-    b = batches_lib.DPOBatch(chosen=side("chosen"), rejected=side("rejected"),
-                             ref_chosen_logp=self.ref_c[idx], ref_rejected_logp=self.ref_r[idx])
-    return shd.to_global(b, self.mesh) if self.mesh is not None else b
-
-  def next(self, state=None):
-    if self.index + self.batch_size > self.n:
-      self.epoch, self.index = self.epoch + 1, 0
-    idx = self._order()[self.index:self.index + self.batch_size]
-    self.index += self.batch_size
-    return self.batch(idx)
-
-  def get_state(self) -> dict:
-    return {"epoch": self.epoch, "index": self.index}
-
-  def set_state(self, s: dict) -> None:
-    self.epoch, self.index = int(s["epoch"]), int(s["index"])
+def pair_arrays(pairs, ref_c, ref_r) -> dict:
+  return {"chosen": pairs["chosen"], "rejected": pairs["rejected"], "ref_chosen_logp": ref_c,
+          "ref_rejected_logp": ref_r}
 
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
@@ -130,21 +108,19 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   if not cfg.data.train_source:
     raise config_lib.ConfigError("data.train_source: DPO needs preference pairs "
                                  "(preference_jsonl:PATH)")
-  rl_stage.inherit_model_config(cfg)
-  rl_stage.check_no_dropout(cfg)
   os.makedirs(workdir, exist_ok=True)
+  tok = common.start_from_previous(cfg, workdir)
+  common.check_no_dropout(cfg)
   train_records = load_records(cfg.data.train_source, cfg)
-  msgs = [r["prompt"] for r in train_records]
-  tok = rl_stage._tokenizer(cfg, workdir, msgs + [[{"role": "user", "content": r["chosen"] +
-                                                     r["rejected"]}] for r in train_records])
+  if tok is None:
+    tok = common.resolve_tokenizer(cfg, workdir, build_char_from="".join(
+        r["prompt"][-1]["content"] + r["chosen"] + r["rejected"] for r in train_records))
   common.fill_vocab_size(cfg, tok)
   env = common.make_env(cfg)
   model = env.model
   init_params = common.init_params_fn(model)
-  init_from = None
-  if cfg.train.init_from:
-    init_from = lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
-  init_full = rl_stage.initial_params(cfg, model, env.mesh, init_params, init_from)
+  init_from = common.previous_params(cfg)
+  init_full = common.initial_params(cfg, model, env.mesh, init_params, init_from)
   # With LoRA the reference is the base with the adapters off; the trainer reuses init_full as
   # its frozen base, so policy and reference share one copy of it.
   ref_model, ref_params = lora.reference(model, init_full)
@@ -152,26 +128,28 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   seq, bs = cfg.data.seq_len, cfg.train.batch_size
   pairs = encode_pairs(train_records, tok, seq)
   ref_c, ref_r = reference_logps(ref_model, ref_params, pairs, batch_size=bs)
-  source = PreferenceSource(pairs, ref_c, ref_r, batch_size=bs, seed=cfg.seed, mesh=env.mesh)
+  source = in_memory.InMemorySource(pair_arrays(pairs, ref_c, ref_r), wrap=pair_batch,
+                                     mesh=env.mesh, global_batch=bs, seed=cfg.seed,
+                                     drop_remainder=True, what="preference pairs")
   loss_fn = common.bind_loss(cfg)
 
-  evaluate = None
   eval_records = load_records(cfg.data.eval_source, cfg) if cfg.data.eval_source else []
+  evaluate = None
   if eval_records:
     eval_pairs = encode_pairs(eval_records, tok, seq)
     ev_c, ev_r = reference_logps(ref_model, ref_params, eval_pairs, batch_size=bs)
-    eval_source = PreferenceSource(eval_pairs, ev_c, ev_r, batch_size=min(bs, len(ev_c)),
-                                   seed=cfg.seed + 1, mesh=env.mesh)
+    eval_arrays = pair_arrays(eval_pairs, ev_c, ev_r)
+    eval_bs = min(bs, len(ev_c))
     eval_step = trainer.make_eval_step(loss_fn, model)
 
     def evaluate(state):
-      nb = max(1, min(cfg.train.eval_batches, len(ev_c) // eval_source.batch_size))
-      ms = [eval_step(state.params, eval_source.batch(
-          np.arange(i * eval_source.batch_size, (i + 1) * eval_source.batch_size)), None)
-            for i in range(nb)]
-      avg = trainer.average_metrics(ms)
-      return {"eval/loss": avg["loss"],
-              **{f"eval/{k.split('/', 1)[1]}": v for k, v in avg.items() if k.startswith("dpo/")}}
+      nb = max(1, min(cfg.train.eval_batches, len(ev_c) // eval_bs))
+      batches = ((pair_batch(shd.to_global(local, env.mesh)), counts)
+                 for local, counts in in_memory.fixed_batches(eval_arrays, eval_bs, limit=nb))
+      ev = evaluation.weighted_eval(eval_step, state.params, batches,
+                                    weights={}, default_weight="rows")
+      return {"eval/loss": ev["loss"],
+              **{f"eval/{k.split('/', 1)[1]}": v for k, v in ev.items() if k.startswith("dpo/")}}
 
   res = trainer.train(cfg, workdir=workdir, model=model, loss_fn=loss_fn, source=source,
                       mesh=env.mesh, init_params=init_params, init_from=init_from,
@@ -180,9 +158,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   if cfg.rl.eval_prompts and not res.interrupted:
     # Every process runs the evaluation (its jitted programs span all of them); only process 0
     # writes the files.
-    held = [r["prompt"] for r in eval_records] or rl_stage.prompt_messages(cfg, cfg.rl.eval_split)
-    rl_stage.evaluate_policy((model, res.state.params, tok), prompts=held[:cfg.rl.eval_prompts],
-                             reference=(ref_model, ref_params), max_new_tokens=cfg.rl.max_new_tokens,
-                             temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len,
-                             seed=cfg.seed, out_dir=workdir, label=cfg.loss.name)
+    held = [r["prompt"] for r in eval_records] or dialogue.prompt_messages(cfg,
+                                                                           cfg.rl.eval_split)
+    evaluation.evaluate_policy(
+        (model, res.state.params, tok), prompts=held[:cfg.rl.eval_prompts],
+        reference=(ref_model, ref_params), max_new_tokens=cfg.rl.max_new_tokens,
+        temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len, seed=cfg.seed,
+        out_dir=workdir, label=cfg.loss.name)
   return res

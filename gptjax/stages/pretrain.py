@@ -9,35 +9,12 @@ import jax
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import model as model_lib
+from gptjax import sampling
 from gptjax import trainer
-from gptjax.data import shakespeare
-from gptjax.data.documents import TokenDocuments
+from gptjax.data import corpus
 from gptjax.data.loader import PackedLoader
 from gptjax.data.windows import RandomWindows
 from gptjax.stages import common
-
-
-def documents(cfg, split: str, tok, *, cache_dir: str):
-  """The split's documents, tokenized (with BOS/EOS around each document) and cached."""
-  if cfg.data.source == "shakespeare":
-    train, val = shakespeare.split_plays(shakespeare.load_plays(), cfg.data.val_fraction)
-    plays = train if split == "train" else val
-    return TokenDocuments.from_texts([p.text() for p in plays], tok)
-  from gptjax.data import sources
-  src = sources.open_source(cfg.data.source, split=split, data_dir=cfg.data.data_dir or None,
-                            val_fraction=cfg.data.val_fraction)
-  return TokenDocuments.from_source(src, tok, field=cfg.data.text_field, cache_dir=cache_dir)
-
-
-def _train_text_for_char_vocab(cfg) -> str | None:
-  if cfg.data.tokenizer != "char":
-    return None
-  if cfg.data.source == "shakespeare":
-    return shakespeare.corpus_text("train", cfg.data.val_fraction)
-  from gptjax.data import sources
-  src = sources.open_source(cfg.data.source, split="train", data_dir=cfg.data.data_dir or None,
-                            val_fraction=cfg.data.val_fraction)
-  return "".join(src[i][cfg.data.text_field] for i in range(len(src)))
 
 
 def _iterator(cfg, docs, tok, *, seed: int, batch: int):
@@ -63,12 +40,12 @@ def _iterator(cfg, docs, tok, *, seed: int, batch: int):
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   tok = common.resolve_tokenizer(cfg, workdir, build_char_from=(
       None if os.path.exists(os.path.join(workdir, "tokenizer.json"))
-      else _train_text_for_char_vocab(cfg)))
+      else corpus.char_vocab_text(cfg)))
   common.fill_vocab_size(cfg, tok)
   env = common.make_env(cfg)
   cache = os.path.join(workdir, "token_cache")
-  train_docs = documents(cfg, "train", tok, cache_dir=cache)
-  val_docs = documents(cfg, "validation", tok, cache_dir=cache)
+  train_docs = corpus.documents(cfg, "train", tok, cache_dir=cache)
+  val_docs = corpus.documents(cfg, "validation", tok, cache_dir=cache)
   seq, gb = cfg.data.seq_len, cfg.train.batch_size
   source = common.LoaderSource(_iterator(cfg, train_docs, tok, seed=cfg.seed, batch=gb), env.mesh)
   loss_fn = common.bind_loss(cfg)
@@ -88,10 +65,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
     prompts = list(cfg.train.sample_prompts)
     # The model's window bounds prompt + sample; ask for what fits rather than fail mid-run.
     room = env.model_cfg.max_len - max(len(tok.encode(p)) for p in prompts)
-    outs = common.sample_prompts(env.model, state.params, tok, prompts, seed=cfg.seed,
-                                 max_new_tokens=max(1, min(cfg.train.sample_tokens, room)),
-                                 temperature=0.8)
-    return "\n---\n".join(p + o for p, o in zip(prompts, outs))
+    outs, _ = sampling.sample_replies(
+        env.model, state.params, [tok.encode(p) for p in prompts], seed=cfg.seed,
+        max_new_tokens=max(1, min(cfg.train.sample_tokens, room)), temperature=0.8,
+        pad_id=tok.pad_id, eos_ids=())
+    return "\n---\n".join(p + tok.decode(o) for p, o in zip(prompts, outs))
 
   init_from = None
   if cfg.train.init_from:

@@ -3,18 +3,8 @@
     gptjax train --config experiments/reward.py:tiny --workdir runs/reward \
         --config.train.init_from=runs/sft
 
-For the RL stage:
-
-    scorer = load_reward_model(workdir)
-    scores = scorer(prompt_ids, completion_ids)     # -> np.ndarray [B] float32
-
-`prompt_ids` and `completion_ids` are B token sequences each (lists, or right-padded 2-D arrays:
-trailing pad ids are dropped). A prompt is what the sampler continued from
-(the chat template's generation prompt, ending at `<|assistant|>`); a completion is what it
-sampled, its `<|end|>` included when it stopped. The score is read at the last real token, with the
-normalisation bias already added, so SFT samples on the training prompts score 0 on average.
-`scorer.score_tokens(tokens [B,T], mask [B,T])` scores fixed-shape arrays without leaving the
-device; `scorer.params`, `scorer.model` and `scorer.tokenizer` are there for anything else.
+The trained model is read back, normalised, with `gptjax.reward_model.load_reward_model(workdir)`
+(the RL stages' scorer; see that module).
 
 Data (`data.source`):
   generated               the default: `gptjax.rm_data.generate` samples K replies per prompt from
@@ -44,7 +34,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib
@@ -53,16 +42,19 @@ from gptjax import config as config_lib
 from gptjax import labeler
 from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
+from gptjax import evaluation
+from gptjax import reward_model
 from gptjax import rm_data
+from gptjax import sampling
 from gptjax import sharding as shd
 from gptjax import trainer
-from gptjax.data import chat, loader as loader_lib, records, tokenizers
+from gptjax.data import chat, dialogue, in_memory, records, tokenizers
 from gptjax.data.errors import DataError
 from gptjax.losses import reward as reward_loss
+from gptjax.reward_model import completions, score_records, score_sequences, sequence_ids
 from gptjax.stages import common
-from gptjax.stages import sft as sft_stage
 
-NORMALIZATION_FILE = "reward_normalization.json"
+NORMALIZATION_FILE = reward_model.NORMALIZATION_FILE
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,22 +105,6 @@ def read_preferences(path: str) -> list[dict]:
   return out
 
 
-def sequence_ids(prompt_ids, completion_ids, *, seq_len: int) -> list[int]:
-  """prompt + completion, cut from the left when longer than `seq_len` so the end is scored."""
-  ids = list(prompt_ids) + list(completion_ids)
-  return ids[-seq_len:]
-
-
-def completions(rec: dict, tok) -> list[list[int]]:
-  """The token ids of a record's replies: the sampled ids when the generator stored them (text
-  does not round-trip when a sample holds special tokens), else the text with `<|end|>` after
-  each reply that ended."""
-  if rec.get("response_ids"):
-    return [list(x) for x in rec["response_ids"]]
-  return [chat.reply_ids(tok, rec["prompt"], t, ended=e)
-          for t, e in zip(rec["responses"], rec["ended"])]
-
-
 def to_arrays(recs: list[dict], tok, *, seq_len: int) -> tuple[dict, dict]:
   """[N,K,T] tokens/positions/mask and [N,K] rank; replies past a record's own K are empty."""
   k = max(len(r["responses"]) for r in recs)
@@ -148,148 +124,6 @@ def to_arrays(recs: list[dict], tok, *, seq_len: int) -> tuple[dict, dict]:
   positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
   arrays = {"tokens": tokens, "positions": positions, "mask": mask, "rank": rank}
   return arrays, {"records": n, "replies_per_prompt": k, "truncated_sequences": int(truncated)}
-
-
-class RewardSource:
-  """A resumable batch source of RewardBatch rows: epoch-shuffled, sharded across processes."""
-
-  def __init__(self, arrays: dict, *, mesh, global_batch: int, seed: int, shuffle: bool = True):
-    self.arrays, self.mesh, self.seed, self.shuffle = arrays, mesh, seed, shuffle
-    self.n = len(arrays["rank"])
-    self.batch = common.local_batch_size(global_batch)
-    self.state = {"epoch": 0, "index": 0}
-
-  def _shard(self, epoch):
-    return loader_lib.shard_indices(self.n, seed=self.seed, epoch=epoch,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count(), shuffle=self.shuffle)
-
-  def next(self, state=None):
-    epoch, index = self.state["epoch"], self.state["index"]
-    picked = []
-    while len(picked) < self.batch:
-      shard = self._shard(epoch)
-      if index >= len(shard):
-        epoch, index = epoch + 1, 0
-        continue
-      take = shard[index:index + self.batch - len(picked)]
-      picked.extend(int(i) for i in take)
-      index += len(take)
-    self.state = {"epoch": epoch, "index": index}
-    local = {k: v[np.asarray(picked)] for k, v in self.arrays.items()}
-    return batches_lib.RewardBatch(**shd.to_global(local, self.mesh))
-
-  def get_state(self) -> dict:
-    return dict(self.state)
-
-  def set_state(self, s: dict) -> None:
-    self.state = {"epoch": int(s["epoch"]), "index": int(s["index"])}
-
-
-def fixed_batches(arrays: dict, batch: int):
-  """The rows in order, in batches of `batch`, the last padded with empty rows (mask 0)."""
-  n = len(arrays["rank"])
-  for start in range(0, n, batch):
-    part = {k: v[start:start + batch] for k, v in arrays.items()}
-    short = batch - len(part["rank"])
-    if short:
-      part = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-              for k, v in part.items()}
-    yield part, batch - short
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring.
-# --------------------------------------------------------------------------------------------
-
-def make_score_fn(model):
-  """Jitted params, tokens [B,T], mask [B,T] -> rewards [B] at the last real token."""
-  @jax.jit
-  def score(params, tokens, mask):
-    batch = batches_lib.RewardBatch(
-        tokens=tokens[:, None], positions=jnp.broadcast_to(
-            jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)[:, None],
-        mask=mask[:, None], rank=jnp.zeros(tokens.shape[:1] + (1,), jnp.int32))
-    return reward_loss.sequence_rewards(params, batch, model=model)[:, 0]
-  return score
-
-
-def score_sequences(score_fn, params, seqs: list[list[int]], *, seq_len: int, pad_id: int,
-                    batch: int = 256) -> np.ndarray:
-  """Rewards of token sequences (each already cut to `seq_len`), in fixed-shape batches."""
-  out = []
-  for start in range(0, len(seqs), batch):
-    chunk = seqs[start:start + batch]
-    tokens = np.full((batch, seq_len), pad_id, np.int32)
-    mask = np.zeros((batch, seq_len), np.float32)
-    for i, s in enumerate(chunk):
-      tokens[i, :len(s)] = s
-      mask[i, :len(s)] = 1
-    out.append(np.asarray(jax.device_get(score_fn(params, tokens, mask)))[:len(chunk)])
-  return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def score_records(score_fn, params, recs: list[dict], tok, *, seq_len: int) -> np.ndarray:
-  """Rewards of every reply of every preference record, flat in record order."""
-  seqs = []
-  for r in recs:
-    prompt = chat.render_prompt(r["prompt"], tok)
-    seqs += [sequence_ids(prompt, c, seq_len=seq_len) for c in completions(r, tok)]
-  return score_sequences(score_fn, params, seqs, seq_len=seq_len, pad_id=tok.pad_id)
-
-
-class RewardScorer:
-  """`scorer(prompt_ids, completion_ids) -> scores [B]`; see the module docstring."""
-
-  def __init__(self, model, params, tokenizer, *, seq_len: int, bias: float = 0.0):
-    self.model, self.tokenizer, self.seq_len, self.bias = model, tokenizer, seq_len, bias
-    self.params = add_head_bias(params, bias)
-    self._score = make_score_fn(model)
-
-  def score_tokens(self, tokens, mask):
-    return self._score(self.params, tokens, mask)
-
-  def score_records(self, recs: list[dict]) -> np.ndarray:
-    """Normalised rewards of every reply of preference records, flat in record order."""
-    return score_records(self._score, self.params, recs, self.tokenizer, seq_len=self.seq_len)
-
-  def __call__(self, prompt_ids, completion_ids) -> np.ndarray:
-    pad = self.tokenizer.pad_id
-    seqs = [sequence_ids(_strip_right(p, pad), _strip_right(c, pad), seq_len=self.seq_len)
-            for p, c in zip(prompt_ids, completion_ids)]
-    # Round the width up to a multiple of 16, so a few shapes serve every call.
-    width = min(self.seq_len, -(-max(len(s) for s in seqs) // 16) * 16)
-    return score_sequences(self._score, self.params, seqs, seq_len=width, pad_id=pad,
-                           batch=max(8, 1 << (len(seqs) - 1).bit_length()))
-
-
-def _strip_right(ids, pad: int) -> list[int]:
-  """Drops right padding only: a pad id a sampler drew inside a reply stays, as it was scored."""
-  ids = [int(t) for t in ids]
-  while ids and ids[-1] == pad:
-    ids.pop()
-  return ids
-
-
-def add_head_bias(params, bias: float):
-  if not bias:
-    return params
-  params = dict(params)
-  head = dict(params["scalar_head"])
-  head["bias"] = head["bias"] + jnp.asarray(bias, head["bias"].dtype)
-  params["scalar_head"] = head
-  return params
-
-
-def load_reward_model(workdir: str, step: int | None = None) -> RewardScorer:
-  """The trained reward model of `workdir`, normalised; see the module docstring."""
-  model, params, tok, cfg = ckpt_lib.load_for_inference(workdir, step)
-  bias = 0.0
-  path = os.path.join(workdir, NORMALIZATION_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      bias = float(json.load(f)["bias"])
-  return RewardScorer(model, params, tok, seq_len=int(cfg.model.max_len), bias=bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +162,7 @@ def _held_out(recs: list[dict], val_fraction: float):
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   os.makedirs(workdir, exist_ok=True)
-  tok = sft_stage.adopt_previous_stage(cfg, workdir, scalar_head=True)
+  tok = common.start_from_previous(cfg, workdir, scalar_head=True)
   if tok is None:
     if not os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)) and \
         cfg.data.tokenizer == "char":
@@ -348,31 +182,22 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   seq, gb = cfg.data.seq_len, cfg.train.batch_size
   train_arrays, train_counts = to_arrays(train_recs, tok, seq_len=seq)
   val_arrays, val_counts = to_arrays(val_recs, tok, seq_len=seq)
-  source = RewardSource(train_arrays, mesh=env.mesh, global_batch=gb, seed=cfg.seed)
+  source = in_memory.InMemorySource(train_arrays, wrap=lambda a: batches_lib.RewardBatch(**a),
+                                     mesh=env.mesh, global_batch=gb, seed=cfg.seed)
   loss_fn = common.bind_loss(cfg)
   eval_step = trainer.make_eval_step(loss_fn, env.model)
 
-  # Each process feeds its own rows of every (identical) held-out batch, as training does.
-  local_rows = common.local_batch_size(gb)
-  mine = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
-
   def evaluate(state):
-    acc = margin = pairs = loss = rows = 0.0
-    for part, real in fixed_batches(val_arrays, gb):
-      if cfg.train.eval_batches and rows >= cfg.train.eval_batches * gb:
-        break
-      local = {k: v[mine] for k, v in part.items()}
-      m = jax.device_get(eval_step(state.params, batches_lib.RewardBatch(
-          **shd.to_global(local, env.mesh)), None))
-      n = float(m["rm/pairs"])
-      acc, margin, pairs = acc + m["rm/accuracy"] * n, margin + m["rm/margin"] * n, pairs + n
-      loss, rows = loss + float(m["rm/bt_loss"]) * real, rows + real
-    return {"eval/rm_accuracy": float(acc / max(pairs, 1)),
-            "eval/rm_margin": float(margin / max(pairs, 1)), "eval/rm_loss": float(loss / max(rows, 1))}
+    # Each process feeds its own rows of every (identical) held-out batch, as training does.
+    batches = ((batches_lib.RewardBatch(**shd.to_global(local, env.mesh)), counts)
+               for local, counts in in_memory.fixed_batches(val_arrays, gb,
+                                                            limit=cfg.train.eval_batches))
+    ev = evaluation.weighted_eval(eval_step, state.params, batches, weights={
+        "rm/accuracy": "rm/pairs", "rm/margin": "rm/pairs", "rm/bt_loss": "rows"})
+    return {"eval/rm_accuracy": ev["rm/accuracy"], "eval/rm_margin": ev["rm/margin"],
+            "eval/rm_loss": ev["rm/bt_loss"]}
 
-  init_from = None
-  if cfg.train.init_from:
-    init_from = lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
+  init_from = common.previous_params(cfg)
   k = train_counts["replies_per_prompt"]
   result = trainer.train(
       cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
@@ -383,11 +208,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
     return result
 
   eval_path = os.path.join(workdir, "eval.json")
-  done = sft_stage.read_json(eval_path)
+  done = common.read_json(eval_path)
   if done and done.get("step") == result.step:
     result.eval = done
     return result
-  score_fn = make_score_fn(env.model)
+  score_fn = reward_model.make_score_fn(env.model)
   params = result.state.params
   report = {"stage": "reward", "step": result.step, "data_source": cfg.data.source,
             "preference_files": files, "data_train": train_counts, "data_validation": val_counts,
@@ -402,14 +227,14 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   norm = {"bias": bias, "checkpoint_step": result.step, "raw_mean": float(np.mean(raw_train)),
           "raw_std": float(np.std(raw_train)), "replies": int(len(raw_train))}
   if jax.process_index() == 0:
-    sft_stage.write_json(os.path.join(workdir, NORMALIZATION_FILE), norm)
+    common.write_json(os.path.join(workdir, NORMALIZATION_FILE), norm)
   report["normalization"] = norm
   report.update(held_out_report(val_recs, scores_of(val_recs) + bias))
   if cfg.data.source == "generated" and cfg.reward.best_of_n_prompts:
-    report["best_of_n"] = best_of_n(cfg, env.model, add_head_bias(params, bias), tok, score_fn,
-                                    progress=progress)
+    report["best_of_n"] = best_of_n(cfg, env.model, reward_model.add_head_bias(params, bias), tok,
+                                    score_fn, progress=progress)
   if jax.process_index() == 0:
-    sft_stage.write_json(eval_path, report)
+    common.write_json(eval_path, report)
   msg = (f"[{workdir}] RM eval: held-out accuracy {report['accuracy_noisy']:.1%} vs noisy labels"
          + (f", {report['accuracy_noiseless']:.1%} vs the noiseless labeler, Spearman "
             f"{report['spearman_gold']:.3f}" if report.get("accuracy_noiseless") is not None
@@ -458,13 +283,13 @@ def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16), *,
   prompts = rm_data.prompt_set(cfg, "validation", r.best_of_n_prompts,
                                field="reward.best_of_n_prompts", seed_offset=3)
   sft_model, sft_params, _, sft_cfg = ckpt_lib.load_for_inference(cfg.train.init_from)
-  ids, _ = sft_stage.fit_prompts(prompts, tok, max_len=sft_cfg.model.max_len,
-                                 reply_tokens=cfg.sft.reply_tokens)
+  ids, _ = dialogue.fit_prompts(prompts, tok, max_len=sft_cfg.model.max_len,
+                                reply_tokens=cfg.sft.reply_tokens)
   repeated = [p for p in ids for _ in range(n_max)]
-  replies, _ = sft_stage.sample_replies(
-      sft_model, sft_params, tok, repeated, seed=cfg.seed + 11,
-      max_new_tokens=cfg.sft.reply_tokens, temperature=cfg.rm_data.temperature,
-      top_k=cfg.rm_data.top_k, batch_size=cfg.rm_data.batch_size,
+  replies, _ = sampling.sample_replies(
+      sft_model, sft_params, repeated, seed=cfg.seed + 11, max_new_tokens=cfg.sft.reply_tokens,
+      temperature=cfg.rm_data.temperature, top_k=cfg.rm_data.top_k,
+      batch_size=cfg.rm_data.batch_size, pad_id=tok.pad_id, eos_ids=chat.reply_stop_ids(tok),
       progress="reward: best-of-N samples" if progress else "")
   gold = labeler.gold_score([chat.parse_reply(x, tok) for x in replies]).reshape(len(ids), n_max)
   seqs = [sequence_ids(p, x, seq_len=cfg.data.seq_len) for p, x in zip(repeated, replies)]

@@ -26,14 +26,12 @@ replies to the same held-out prompts side by side (`samples.md`, `samples.json`)
 of replies that end with `<|end|>` within `sft.reply_tokens` tokens, for both models. The numbers go
 to `<workdir>/eval.json`.
 
-The reply sampler (`sample_replies`) and the dialogue helpers here are shared with the reward-model
-stage and its preference-data generator (`gptjax/rm_data.py`).
+The dialogue helpers live in `gptjax/data/dialogue.py` and the reply sampler is
+`sampling.sample_replies`; the reward-model stage and its preference-data generator use them too.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 
 import jax
@@ -41,113 +39,28 @@ import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
-from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import sampling
-from gptjax import sharding as shd
 from gptjax import trainer
-from gptjax.data import chat, packing, shakespeare, tokenizers
+from gptjax import evaluation
+from gptjax.data import chat, dialogue, packing
+from gptjax.data.dialogue import DIALOGUE
 from gptjax.data.loader import PackedLoader
 from gptjax.stages import common
-
-DIALOGUE = "shakespeare:dialogue"
-
-
-# --------------------------------------------------------------------------------------------
-# The previous stage: model config and tokenizer.
-# --------------------------------------------------------------------------------------------
-
-def adopt_previous_stage(cfg, workdir: str, *, scalar_head: bool = False):
-  """Takes the model config and tokenizer of `cfg.train.init_from` into `cfg` and `workdir`.
-
-  Returns the tokenizer. A resumed run keeps the tokenizer already in its workdir.
-  """
-  prev = cfg.train.init_from
-  if not prev:
-    return None
-  with cfg.unlocked():
-    cfg.model.scalar_head = scalar_head
-  common.adopt_architecture(cfg, prev)
-  max_len = int(cfg.model.max_len)
-  if cfg.data.seq_len > max_len:
-    print(f"data.seq_len {cfg.data.seq_len} > model.max_len {max_len} of {prev}; using "
-          f"{max_len}", flush=True)
-    with cfg.unlocked():
-      cfg.data.seq_len = max_len
-  if os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
-    return tokenizers.load_tokenizer(workdir)
-  tok = tokenizers.load_tokenizer(prev)
-  if jax.process_index() == 0:
-    tok.save(workdir)
-  return tok
-
 
 # --------------------------------------------------------------------------------------------
 # Conversations.
 # --------------------------------------------------------------------------------------------
 
-def dialogue_examples(split: str, *, val_fraction: float = 0.1) -> list[dict]:
-  """The plays' dialogue view in memory: each speech and the next speaker's reply in its scene.
-
-  The same pairs, split and fields as the TFDS `shakespeare:dialogue` source, built straight from
-  the parsed plays: reading 25k examples back through TFDS costs about a minute on two CPU
-  cores, more than the whole tiny SFT run.
-  """
-  train, val = shakespeare.split_plays(shakespeare.load_plays(), val_fraction)
-  plays = {"train": train, "validation": val}[split]
-  out = []
-  for play in plays:
-    for scene in play.scenes:
-      for speech, reply in zip(scene.speeches, scene.speeches[1:]):
-        if speech.speaker != reply.speaker:
-          out.append({"prompt": speech.text, "reply": reply.text, "prompt_speaker": speech.speaker,
-                      "reply_speaker": reply.speaker, "play": play.title})
-  return out
-
-
-def tail_words(text: str, max_chars: int) -> str:
-  """The end of `text` in at most `max_chars` characters, starting at a word where possible."""
-  text = " ".join(text.split())
-  if len(text) <= max_chars:
-    return text
-  cut = text[len(text) - max_chars:]
-  space = cut.find(" ")
-  return cut[space + 1:] if 0 <= space < len(cut) - 1 else cut
-
-
-def prompt_char_budget(cfg) -> int:
-  """Characters of speech that fit in front of a reply, both in a training row and when sampling."""
-  s = cfg.sft
-  if s.max_prompt_chars:
-    return int(s.max_prompt_chars)
-  # bos, <|user|>, <|end|>, <|assistant|> around the speech; the reply and its <|end|> after it.
-  in_row = cfg.data.seq_len + 1 - 4 - (s.max_reply_chars + 1)
-  for_sampling = cfg.model.max_len - s.reply_tokens - 4
-  return max(1, min(in_row, for_sampling))
-
-
-def dialogue_messages(example: dict, *, prompt_chars: int, persona: bool) -> list[dict]:
-  """One conversation: [system naming the persona], the speech (its last words), the reply."""
-  messages = []
-  budget = prompt_chars
-  if persona:
-    system = f"You are {example['reply_speaker'].title()}."
-    messages.append({"role": "system", "content": system})
-    budget -= len(system) + 2          # its marker and <|end|>
-  messages.append({"role": "user", "content": tail_words(example["prompt"], max(budget, 1))})
-  messages.append({"role": "assistant", "content": " ".join(example["reply"].split())})
-  return messages
-
-
 def conversations(cfg, split: str) -> tuple[list[list[dict]], dict]:
   """The split's conversations as message lists, and counts of what was left out."""
   src = cfg.data.source
   if src == DIALOGUE:
-    examples = dialogue_examples(split, val_fraction=cfg.data.val_fraction)
+    examples = dialogue.dialogue_examples(split, val_fraction=cfg.data.val_fraction)
     limit = cfg.sft.max_reply_chars
     kept = [e for e in examples if not limit or len(" ".join(e["reply"].split())) <= limit]
-    chars = prompt_char_budget(cfg)
-    convs = [dialogue_messages(e, prompt_chars=chars, persona=cfg.sft.persona) for e in kept]
+    chars = dialogue.prompt_char_budget(cfg)
+    convs = [dialogue.dialogue_messages(e, prompt_chars=chars, persona=cfg.sft.persona) for e in kept]
     return convs, {"examples": len(examples), "skipped_long_replies": len(examples) - len(kept),
                    "prompt_chars": chars}
   if src.startswith("chat_jsonl:"):
@@ -160,12 +73,6 @@ def conversations(cfg, split: str) -> tuple[list[list[dict]], dict]:
                                f"{src!r}")
 
 
-def split_for_generation(messages: list[dict]) -> tuple[list[dict], str]:
-  """(the conversation before its last assistant turn, that turn's content as the reference)."""
-  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-  return messages[:last], messages[last]["content"]
-
-
 def rendered(convs, tok) -> list:
   """Rendered (ids, mask) per conversation; None for one with nothing to train (the loader counts
   it as dropped)."""
@@ -174,23 +81,6 @@ def rendered(convs, tok) -> list:
     ids, mask = chat.render(m, tok)
     out.append((np.asarray(ids, np.int32), np.asarray(mask, np.float32)) if any(mask) else None)
   return out
-
-
-def write_json(path: str, obj) -> None:
-  """Writes atomically, so a crash never leaves half a file that a later run would trust."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def read_json(path: str):
-  """The object in `path`, or None when it is missing or unreadable."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 class PackedSource(common.LoaderSource):
@@ -209,94 +99,25 @@ class PackedSource(common.LoaderSource):
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling replies.
-# --------------------------------------------------------------------------------------------
-
-def sample_replies(model, params, tok, prompt_ids: list[list[int]], *, seed: int,
-                   max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   batch_size: int = 256, progress: str = ""
-                   ) -> tuple[list[list[int]], np.ndarray]:
-  """One reply per prompt. Returns (completion ids with the stop token, did it end [N] bool).
-  `progress`: the label of a console bar over the batches ("" = none).
-
-  Prompts are padded to one width and batches to one size, so the sampler compiles once; each
-  batch's key is folded from `seed` and the batch index, so results do not depend on what else
-  is sampled in the same call.
-  """
-  stops = chat.reply_stop_ids(tok)
-  n = len(prompt_ids)
-  width = max(len(p) for p in prompt_ids)
-  rows = min(batch_size, n)
-
-  def one_batch(params, b):
-    chunk = prompt_ids[b * rows:(b + 1) * rows]
-    arr = np.full((rows, width), tok.pad_id, np.int32)
-    lengths = np.ones(rows, np.int32)
-    for i, p in enumerate(chunk):
-      arr[i, :len(p)] = p
-      lengths[i] = len(p)
-    out = sampling.generate(model, params, arr, lengths,
-                            rng=jax.random.fold_in(jax.random.key(seed), b),
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            eos_ids=stops, pad_id=tok.pad_id)
-    got = tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
-    if bar is not None:
-      bar.update(1)
-    return got
-
-  # With parameters whole on each process, each samples its share of the batches; a batch's key
-  # depends on its index only, so the replies equal one process's.
-  bar = metrics_lib.batch_bar(progress, -(-n // rows))
-  batches = shd.map_batches(one_batch, -(-n // rows), params)
-  if bar is not None:
-    bar.close()
-  replies, ended = [], []
-  for b, (comp, mask) in enumerate(batches):
-    for i in range(min(rows, n - b * rows)):
-      ids = [int(t) for t in comp[i][mask[i] > 0]]
-      replies.append(ids)
-      ended.append(bool(ids) and ids[-1] in stops)
-  return replies, np.asarray(ended, bool)
-
-
-def fit_prompts(prompts: list[list[dict]], tok, *, max_len: int, reply_tokens: int):
-  """Rendered generation prompts that leave `reply_tokens` positions free; (ids, kept indices)."""
-  ids, kept = [], []
-  for i, m in enumerate(prompts):
-    p = chat.render_prompt(m, tok)
-    if len(p) + reply_tokens <= max_len:
-      ids.append(p)
-      kept.append(i)
-  return ids, kept
-
-
-# --------------------------------------------------------------------------------------------
 # The runner.
 # --------------------------------------------------------------------------------------------
 
-def _weighted_eval(eval_step, params, loader, mesh, limit: int) -> dict:
-  total, tokens, correct = 0.0, 0.0, 0.0
+def eval_batches(loader, mesh):
+  """(LMBatch, no extra counts) for every batch of a finite loader; closes it at the end."""
   src = common.LoaderSource(loader, mesh)
-  for i in itertools.count():
-    if limit and i >= limit:
-      break
-    try:
-      batch = src.next()
-    except StopIteration:
-      break
-    m = jax.device_get(eval_step(params, batch, None))
-    n = float(m["sft/tokens"])
-    total += float(m["sft/ce"]) * n
-    correct += float(m["sft/accuracy"]) * n
-    tokens += n
-  loader.close()
-  return {"eval/loss": total / max(tokens, 1.0), "eval/accuracy": correct / max(tokens, 1.0),
-          "eval/tokens": tokens}
+  try:
+    while True:
+      try:
+        yield src.next(), {}
+      except StopIteration:
+        return
+  finally:
+    loader.close()
 
 
 def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   os.makedirs(workdir, exist_ok=True)
-  tok = adopt_previous_stage(cfg, workdir)
+  tok = common.start_from_previous(cfg, workdir, scalar_head=False)
   train_convs, train_counts = conversations(cfg, "train")
   val_convs, val_counts = conversations(cfg, "validation")
   if tok is None:
@@ -323,11 +144,13 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   def evaluate(state):
     val = PackedLoader(val_docs, global_batch=gb, seed=cfg.seed, shuffle=False, num_epochs=1,
                        name="sft/validation", **loader_kw)
-    return _weighted_eval(eval_step, state.params, val, env.mesh, cfg.train.eval_batches)
+    ev = evaluation.weighted_eval(eval_step, state.params, eval_batches(val, env.mesh),
+                                  weights={"sft/ce": "sft/tokens", "sft/accuracy": "sft/tokens"},
+                                  limit=cfg.train.eval_batches)
+    return {"eval/loss": ev["sft/ce"], "eval/accuracy": ev["sft/accuracy"],
+            "eval/tokens": ev["sft/tokens"]}
 
-  init_from = None
-  if cfg.train.init_from:
-    init_from = lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
+  init_from = common.previous_params(cfg)
   result = trainer.train(
       cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
       init_params=common.init_params_fn(env.model), init_from=init_from, evaluate=evaluate,
@@ -338,7 +161,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
     return result
 
   eval_path = os.path.join(workdir, "eval.json")
-  done = read_json(eval_path)
+  done = common.read_json(eval_path)
   if done and done.get("step") == result.step:
     result.eval = done
     return result
@@ -361,7 +184,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   report.update(evaluate(result.state))
   report.update(compare_with_base(cfg, workdir, env.model, result.state.params, tok, val_convs))
   if jax.process_index() == 0:
-    write_json(eval_path, report)
+    common.write_json(eval_path, report)
   fractions = ", ".join(f"{who} {report[key]:.1%}" for who, key in (
       ("SFT", "end_of_turn_fraction"), ("base", "base_end_of_turn_fraction"))
       if report.get(key) is not None)
@@ -375,20 +198,20 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
 def compare_with_base(cfg, workdir, model, params, tok, val_convs) -> dict:
   """Base and SFT replies to the same held-out prompts; writes samples.md and samples.json."""
   s = cfg.sft
-  prompts, refs = zip(*[split_for_generation(c) for c in val_convs])
+  prompts, refs = zip(*[dialogue.split_for_generation(c) for c in val_convs])
   rng = np.random.default_rng(cfg.seed)
   order = rng.permutation(len(prompts))[:s.eval_prompts]
   chosen = [prompts[i] for i in order]
-  ids, kept = fit_prompts(chosen, tok, max_len=cfg.model.max_len, reply_tokens=s.reply_tokens)
+  ids, kept = dialogue.fit_prompts(chosen, tok, max_len=cfg.model.max_len, reply_tokens=s.reply_tokens)
   if not ids:
     return {"end_of_turn_fraction": None, "base_end_of_turn_fraction": None, "eval_prompts": 0}
   kw = dict(seed=cfg.seed + 7, max_new_tokens=s.reply_tokens, temperature=s.eval_temperature,
-            top_k=s.eval_top_k)
-  sft_replies, sft_ended = sample_replies(model, params, tok, ids, **kw)
+            top_k=s.eval_top_k, pad_id=tok.pad_id, eos_ids=chat.reply_stop_ids(tok))
+  sft_replies, sft_ended = sampling.sample_replies(model, params, ids, **kw)
   base_replies, base_ended = None, None
   if cfg.train.init_from:
     base_model, base_params, _, _ = ckpt_lib.load_for_inference(cfg.train.init_from)
-    base_replies, base_ended = sample_replies(base_model, base_params, tok, ids, **kw)
+    base_replies, base_ended = sampling.sample_replies(base_model, base_params, ids, **kw)
   rows = []
   for n, i in enumerate(kept):
     row = {"prompt": chosen[i], "reference": refs[order[i]],
@@ -397,7 +220,7 @@ def compare_with_base(cfg, workdir, model, params, tok, val_convs) -> dict:
       row.update(base=chat.parse_reply(base_replies[n], tok), base_ended=bool(base_ended[n]))
     rows.append(row)
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, "samples.json"), rows)
+    common.write_json(os.path.join(workdir, "samples.json"), rows)
     lines = ["# SFT samples: base model vs SFT model on held-out prompts", "",
              f"Sampling: temperature {s.eval_temperature}, top-k {s.eval_top_k or 'off'}, at most "
              f"{s.reply_tokens} new tokens; a reply that did not end with <|end|> is marked "

@@ -21,16 +21,16 @@ def main():
     shd.init_distributed(ml_collections.ConfigDict(dict(
         coordinator_address=f"127.0.0.1:{sys.argv[2]}", num_processes=2,
         process_id=int(sys.argv[3]), cpu_collectives="gloo", auto=False)))
+  from gptjax import checkpoint, evaluation, reward_model
   from gptjax.rl import rollout
-  from gptjax.stages import reward, rl
-  sft, ppo = rl.load_policy(f"{run}/sft"), rl.load_policy(f"{run}/ppo")
+  sft, ppo = (checkpoint.load_for_inference(f"{run}/{s}")[:3] for s in ("sft", "ppo"))
   prompts = [[{"role": "user", "content": t}] for t in
              ("Good morrow.", "What say you?", "Away!", "I love thee.", "Speak.", "Fie!")] * 4
-  scorer = rollout.TokenScorer(reward.load_reward_model(f"{run}/reward"))
+  scorer = rollout.TokenScorer(reward_model.load_reward_model(f"{run}/reward"))
   kw = dict(prompts=prompts, max_new_tokens=8)
-  out = [rl.evaluate_policy(ppo, reference=sft, batch_size=10, **kw),
-         rl.evaluate_policy(sft, scorer=scorer, best_of=4, batch_size=10, **kw),
-         rl.evaluate_policy(sft, batch_size=7, **kw)]
+  out = [evaluation.evaluate_policy(ppo, reference=sft, batch_size=10, **kw),
+         evaluation.evaluate_policy(sft, scorer=scorer, best_of=4, batch_size=10, **kw),
+         evaluation.evaluate_policy(sft, batch_size=7, **kw)]
   print("RESULT " + json.dumps(out, sort_keys=True, default=float), flush=True)
 
 
