@@ -47,6 +47,7 @@ def rl_fields() -> ml_collections.ConfigDict:
       whiten_advantages=True,
       whiten_rewards=False,
       missing_eos_penalty=0.0,
+      engine_slots=0,               # >0: continuous-batching rollouts with that many slots
       normalize_scores=False,
       scale_by_std=True,            # GRPO; False = Dr. GRPO
       group_eps=1e-4,

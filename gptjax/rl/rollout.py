@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib
+from gptjax import engine as engine_lib
 from gptjax import lora
 from gptjax import metrics as metrics_lib
 from gptjax import sampling
@@ -263,6 +264,10 @@ class RolloutConfig:
   # construction, so the extra forward buys nothing), else recompute.
   old_logp: str = "auto"
   seed: int = 0
+  # 0: the static sampler (sampling.generate). N > 0: the continuous-batching engine with N slots
+  # (gptjax/engine.py), whose cost follows the tokens generated; its tokens differ from the
+  # static sampler's for the same seed (per-request keys). One process only, for now.
+  engine_slots: int = 0
 
   @property
   def recompute_old_logp(self) -> bool:
@@ -296,6 +301,10 @@ class RolloutConfig:
       bad("old_logp", f"expected auto, recompute or sampler, got {self.old_logp!r}")
     if self.algorithm == "ppo" and self.old_logp == "sampler":
       bad("old_logp", "PPO's values need the policy forward anyway; use recompute")
+    if self.engine_slots < 0:
+      bad("engine_slots", f"must be >= 0 (0 = the static sampler), got {self.engine_slots}")
+    if self.engine_slots and jax.process_count() > 1:
+      bad("engine_slots", "the continuous-batching engine runs on one process; set it to 0")
     if self.kl_estimator not in kl_lib.ESTIMATORS:
       bad("kl_estimator", f"expected one of {kl_lib.ESTIMATORS}, got {self.kl_estimator!r}")
 
@@ -390,6 +399,16 @@ class RolloutSource:
     idx = self.iteration_prompts(iteration)
     policy, policy_params = policy_view(self.model, params)
     key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7919), iteration)
+    if self.cfg.engine_slots:
+      stats = engine_lib.EngineStats()
+      out = engine_lib.generate(policy, policy_params, self.prompts[idx], self.prompt_lengths[idx],
+                                rng=key, max_new_tokens=self.cfg.max_new_tokens,
+                                temperature=self.cfg.temperature, eos_ids=self.eos_ids,
+                                pad_id=self.tok.pad_id, slots=self.cfg.engine_slots, stats=stats)
+      self._engine_stats = stats
+      if self.mesh is not None:
+        out = jax.device_put(out, shd.batch_sharding(self.mesh))
+      return idx, out
     prompts, lengths = jnp.asarray(self.prompts[idx]), jnp.asarray(self.prompt_lengths[idx])
     if self.mesh is not None:
       prompts, lengths = jax.device_put((prompts, lengths), shd.batch_sharding(self.mesh))
@@ -475,6 +494,9 @@ class RolloutSource:
         "rl/completion_length": float(lengths.mean()),
         "rl/iteration": float(iteration),
     })
+    if c.engine_slots:
+      # The engine's cost: slot-steps decoded (the static sampler pays rows × longest).
+      metrics["rl/decode_row_steps"] = float(self._engine_stats.row_steps)
     if self.gold_fn is not None:
       gold = self.gold_fn(prompt_texts, texts)
       metrics["rl/gold_score"] = float(np.mean(gold))

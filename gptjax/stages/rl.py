@@ -97,7 +97,8 @@ def rollout_config(cfg) -> rollout_lib.RolloutConfig:
       gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages,
       whiten_rewards=r.whiten_rewards, missing_eos_penalty=r.missing_eos_penalty,
       normalize_scores=r.normalize_scores, scale_by_std=r.scale_by_std, group_eps=r.group_eps,
-      filter_zero_spread=r.filter_zero_spread, old_logp=r.old_logp, seed=cfg.seed)
+      filter_zero_spread=r.filter_zero_spread, old_logp=r.old_logp, seed=cfg.seed,
+      engine_slots=r.get("engine_slots", 0))
 
 
 def bind_policy_loss(cfg):
