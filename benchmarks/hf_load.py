@@ -4,7 +4,7 @@
 
 The script writes the model itself (random bf16 weights in Qwen2.5-0.5B's shapes, config.json,
 sharded safetensors of ≤ 500 MB, as the Hub's larger models are): nothing is downloaded. Each
-measurement is a fresh child process that imports jax, notes its RSS, runs
+measurement is a fresh child process that starts jax's backend, notes its RSS, runs
 `gptjax.hf.load_pretrained` and blocks on the result; it reports the load's wall time and the
 peak RSS (getrusage) above the RSS before loading. Target: that increase under 1.5× the loaded
 parameters' bytes (loading must not hold a second full copy on the host). Median of --repeats
@@ -88,6 +88,7 @@ def rss_mb():
       if line.startswith("VmRSS:"):
         return int(line.split()[1]) / 1024
 
+jax.block_until_ready(jnp.zeros(8))     # the CPU backend's own memory is not the load's
 before = rss_mb()
 start = time.perf_counter()
 model, params, _ = hf.load_pretrained(sys.argv[1], dtype=getattr(jnp, sys.argv[2]))
@@ -104,6 +105,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--dir", default="/tmp/gptjax_qwen05_random")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--dtypes", default="bfloat16,float32")
   args = ap.parse_args()
   if not os.path.exists(os.path.join(args.dir, "config.json")):
     count = write_model(args.dir)
@@ -112,7 +114,7 @@ def main():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
-  for dtype in ("bfloat16", "float32"):
+  for dtype in args.dtypes.split(","):
     runs = []
     for _ in range(args.repeats):
       out = subprocess.run([sys.executable, "-c", CHILD, args.dir, dtype], env=env,
@@ -121,8 +123,9 @@ def main():
     wall = statistics.median(r["wall_s"] for r in runs)
     extra = statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs)
     param = runs[0]["param_mb"]
+    walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
     print(f"{dtype:9s} params {param:7.0f} MB | load wall {wall:5.1f} s (median of {len(runs)}: "
-          f"{', '.join(f'{r['wall_s']:.1f}' for r in runs)}) | peak RSS above start "
+          f"{walls}) | peak RSS above start "
           f"{extra:6.0f} MB = {extra / param:.2f}x params (target < 1.5x) | peak RSS "
           f"{statistics.median(r['peak_rss_mb'] for r in runs):6.0f} MB")
 

@@ -143,8 +143,8 @@ class Checkpoint:
 
   def release(self) -> None:
     """Drops the open files. Pages of a memory-mapped file that were read count in this
-    process's RSS until it is unmapped; releasing after each parameter keeps them from adding
-    up to a second copy of the model."""
+    process's RSS until it is unmapped; releasing after each read keeps them from adding up to
+    a second copy of the model (reopening costs one header parse)."""
     self._handles.clear()
 
 
@@ -165,6 +165,7 @@ def _read_block(ckpt: Checkpoint, src: Source, name: str, index: tuple) -> np.nd
     rest.append((first[1] - first[0],) + tuple(group[1:]))
     pos += len(group)
   block = ckpt.slice(name)[tuple(stored)]
+  ckpt.release()        # the mapped pages just read would otherwise stay in RSS beside the copy
   block = block.reshape([s for r in rest for s in r])
   # The stored read took whole rows of the trailing view dims; cut them to the asked block.
   trailing, pos = [], 0
@@ -208,35 +209,48 @@ def _layer_names(src: Source, num_layers: int) -> list[str]:
   return [src.name]
 
 
+def _aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised array at a 64-byte boundary: XLA:CPU then adopts its memory as a device
+  buffer (`device_put(may_alias=True)`) instead of copying it."""
+  size = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(size + 64, np.uint8)
+  start = (-raw.ctypes.data) % 64
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def load_params(ckpt: Checkpoint, sources: dict, targets: dict) -> dict:
   """{path: jax.Array}: each parameter read slice by slice into `targets[path]`
-  (a ShapeDtypeStruct with a sharding). Stacked [L, ...] parameters read one layer at a time."""
+  (a ShapeDtypeStruct with a sharding). Each local device gets the block its shard covers;
+  stacked [L, ...] parameters are read one layer at a time into that block. On CPU the block
+  becomes the device buffer without a copy, so the host holds each parameter once."""
   out = {}
   for path, target in targets.items():
     src = sources[path]
     dtype = np.dtype(target.dtype)
-    stacked = "{i}" in src.name
-    memo = {}
-
-    def block(index, src=src, dtype=dtype, stacked=stacked, memo=memo):
-      key = tuple((s.start, s.stop, s.step) for s in index)
-      if key in memo:      # replicas on several local devices read the file once
-        return memo[key]
-      if stacked:
-        layers = range(*index[0].indices(target.shape[0]))
-        parts = [_read_block(ckpt, src, src.name.format(i=i), index[1:]).astype(dtype)
-                 for i in layers]
-        value = np.stack(parts) if parts else np.zeros(
-            (0,) + tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], target.shape[1:])),
-            dtype)
+    read = {}                 # replicas on several local devices read the file once
+    arrays = []
+    for device, index in target.sharding.addressable_devices_indices_map(target.shape).items():
+      index = tuple(index) + (slice(None),) * (len(target.shape) - len(index))
+      key = tuple(s.indices(n) for s, n in zip(index, target.shape))
+      if key in read:
+        arrays.append(jax.device_put(read[key], device))
+        continue
+      shape = tuple(len(range(*k)) for k in key)
+      value = _aligned_empty(shape, dtype)
+      if "{i}" in src.name:
+        for j, i in enumerate(range(*key[0])):
+          value[j] = _read_block(ckpt, src, src.name.format(i=i), index[1:])
       else:
-        value = _read_block(ckpt, src, src.name, index).astype(dtype)
-      memo[key] = value
-      return value
-
-    out[path] = jax.make_array_from_callback(target.shape, target.sharding, block)
-    memo.clear()
-    ckpt.release()
+        # In pieces of about 32 MB along the first axis, so the embedding (the largest tensor)
+        # is never held twice.
+        start, stop, _ = key[0]
+        rows = max(1, (32 << 20) // max(1, value[:1].nbytes))
+        for a in range(start, stop, rows):
+          b = min(a + rows, stop)
+          value[a - start:b - start] = _read_block(ckpt, src, src.name, (slice(a, b),) + index[1:])
+      read[key] = value
+      arrays.append(jax.device_put(value, device, may_alias=True))
+    out[path] = jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
   return out
 
 
