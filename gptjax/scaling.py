@@ -348,6 +348,7 @@ def analyse(results: list[dict]) -> dict:
                    "compute": rows[0]["compute"], "epochs": rows[0]["epochs"],
                    "steps": rows[0]["steps"], "seeds": [r["seed"] for r in rows],
                    "losses": losses, "mean": float(np.mean(losses)),
+                   "walls": [r.get("wall_s") for r in rows],
                    "lo": float(np.min(losses)), "hi": float(np.max(losses))})
   out = {"points": points, "budgets": sorted({p["budget"] for p in points})}
   enough = [b for b in out["budgets"] if sum(p["budget"] == b for p in points) >= 3]
@@ -388,6 +389,7 @@ def _plots(an: dict, out_dir: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   files = []
   points, budgets = an["points"], an["budgets"]
   colors = plt.cm.viridis(np.linspace(0.1, 0.85, len(budgets)))
@@ -405,13 +407,16 @@ def _plots(an: dict, out_dir: str) -> list[str]:
       if "optima" in an and b in an["optima"]:
         opt = an["optima"][b]
         ns = np.array([p["params"] for p in pts], np.float64)
-        grid = np.linspace(np.log(ns.min()), np.log(ns.max()), 100)
+        # Out to the vertex when it lies beyond the sizes tried, so the extrapolation shows.
+        grid = np.linspace(min(np.log(ns.min()), np.log(opt.n.x_opt)),
+                           max(np.log(ns.max()), np.log(opt.n.x_opt)), 100)
         xmap = (lambda n: n) if which == 0 else opt.tokens
         ax.plot(xmap(np.exp(grid)), np.polyval(opt.n.coeffs, grid), color=color, ls="--",
                 lw=1.2, label=f"C = {_fmt_c(b)} FLOPs")
         ax.scatter([xmap(opt.n.x_opt)], [opt.n.y_opt], marker="*", s=140, color=color,
                    edgecolor="black", zorder=5)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(label)
     ax.set_ylabel("validation loss (nats/char)")
     ax.grid(alpha=0.3, which="both")
@@ -438,6 +443,9 @@ def _plots(an: dict, out_dir: str) -> list[str]:
                    label=f"seed {s}")
       grid = np.geomspace(cs.min(), cs.max(), 50)
       ax.plot(grid, law(grid), color="C3", label=f"{label} ∝ C^{law.exponent:.2f}")
+      mid = np.sqrt(cs.min() * cs.max())
+      ax.plot(grid, law(mid) * (grid / mid) ** 0.5, color="gray", ls=":",
+              label="slope 0.5 (Chinchilla)")
       ax.set_xscale("log")
       ax.set_yscale("log")
       ax.set_xlabel("compute C (FLOPs)")
@@ -502,6 +510,10 @@ def report_markdown(an: dict, *, root: str, env: dict | None = None, cfg: dict |
       "`epochs` is D over the training corpus's size: batches are random windows drawn with "
       "replacement, so above 1 the model has seen repeated text.", ""]
 
+  walls = [w for p in pts for w in p["walls"] if w is not None]
+  if walls:
+    lines += [f"{sum(len(p['losses']) for p in pts)} runs; their training took "
+              f"{sum(walls) / 60:.1f} minutes in all (compilation and evaluation included).", ""]
   lines += ["## IsoFLOP curves", "", "![isoflop](isoflop.png)", ""]
   lines += ["| C (FLOPs) | layers × width | N | D (tokens) | D/N | epochs | steps | "
             "val loss (mean) | seeds (min–max) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -653,7 +665,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 2:
-    print("usage: python -m gptjax.scaling RUN_DIR   (rebuilds RUN_DIR/report.md)", file=sys.stderr)
+  if len(sys.argv) not in (2, 3):
+    print("usage: python -m gptjax.scaling RUN_DIR [OUT_DIR]   (rebuilds the report; OUT_DIR "
+          "defaults to RUN_DIR)", file=sys.stderr)
     sys.exit(2)
-  print(write_report(sys.argv[1]))
+  print(write_report(*sys.argv[1:]))
