@@ -10,7 +10,7 @@ reads the held-out validation loss at the end. The other fields are the pretrain
 run starts from; each run's length, warm-up and cosine decay follow its own token count.
 
 Presets:
-  tiny   3 budgets (5e10, 1.5e11, 5e11 FLOPs) x 5 sizes (14k-236k parameters) x 2 seeds, character
+  tiny   3 budgets (5e10, 1.5e11, 5e11 FLOPs) x 5 sizes (15k-237k parameters) x 2 seeds, character
          level, 1,024 tokens a step: about 20 minutes on 2 idle CPU cores.
   micro  2 budgets x 3 sizes x 1 seed, for the tests (seconds per run).
   gpu    GPT-2-style sizes from 4 layers x 256 to 12 x 768 (the 124M shape), budgets 3e15-3e16, a

@@ -420,7 +420,8 @@ def _plots(an: dict, out_dir: str) -> list[str]:
     ax.set_xlabel(label)
     ax.set_ylabel("validation loss (nats/char)")
     ax.grid(alpha=0.3, which="both")
-  axes[0].legend(fontsize=8)
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=8)
   axes[0].set_title("IsoFLOP curves: loss against model size")
   axes[1].set_title("the same runs against tokens")
   fig.text(0.01, 0.01, "dots: seeds; squares: runs that repeat data (> 1 epoch); dashed: "
@@ -543,7 +544,13 @@ def report_markdown(an: dict, *, root: str, env: dict | None = None, cfg: dict |
     ln, ld = an["laws"]
     a_seeds = [laws[0].exponent for _, laws in an["per_seed"].values() if laws]
     b_seeds = [laws[1].exponent for _, laws in an["per_seed"].values() if laws]
-    lines += ["## Compute-optimal scaling", "", "![optimal](optimal.png)", "",
+    unb = [c for c, o in an["optima"].items() if not o.n.bracketed]
+    caveat = ([f"**Not a measurement of the exponents:** at {len(unb)} of {len(an['optima'])} "
+               "budgets the loss has no minimum inside the sizes tried, so those N_opt are "
+               "extrapolated vertices or, where the curve has no minimum at all, the best size "
+               "tried. The fits below only say which way the optimum moves.", ""]
+              if unb else [])
+    lines += ["## Compute-optimal scaling", ""] + caveat + ["![optimal](optimal.png)", "",
               "| fit | exponent (seed means) | per seed | Chinchilla (approach 2) | Kaplan 2020 |",
               "|---|---|---|---|---|",
               f"| N_opt ∝ C^a | a = {ln.exponent:.2f} | {_range(a_seeds) if a_seeds else '-'} "
@@ -615,15 +622,21 @@ def write_report(root: str, out_dir: str | None = None) -> str:
   out_dir = out_dir or root
   os.makedirs(out_dir, exist_ok=True)
   results = load_results(root)
+  cfg = None
+  if os.path.exists(os.path.join(root, "config.json")):
+    with open(os.path.join(root, "config.json")) as f:
+      cfg = json.load(f)
+    # Only the runs of the sweep as last configured: runs of other sizes or budgets left in the
+    # directory by an earlier configuration would otherwise join the fits unannounced.
+    s = cfg["scaling"]
+    sizes = {parse_size(x, head_dim=s["head_dim"])[:2] for x in s["sizes"]}
+    results = [r for r in results if r["budget"] in [float(b) for b in s["budgets"]]
+               and (r["layers"], r["d_model"]) in sizes and r["seed"] in s["seeds"]]
   an = analyse(results)
   env = None
   if results:
     from gptjax import pipeline
     env = pipeline.environment()
-  cfg = None
-  if os.path.exists(os.path.join(root, "config.json")):
-    with open(os.path.join(root, "config.json")) as f:
-      cfg = json.load(f)
   if an["points"]:
     _plots(an, out_dir)
   text = report_markdown(an, root=root, env=env, cfg=cfg)
