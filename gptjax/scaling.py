@@ -80,10 +80,8 @@ def parse_size(text: str, *, head_dim: int) -> tuple[int, int, int]:
 
 
 def model_config_for(cfg, layers: int, width: int, heads: int):
-  from gptjax.model import ModelConfig
-  d = cfg.model.to_dict()
-  d.update(num_layers=layers, d_model=width, num_heads=heads)
-  return ModelConfig(**d)
+  return dataclasses.replace(config_lib.model_config(cfg), num_layers=layers, d_model=width,
+                             num_heads=heads)
 
 
 def check(cfg) -> None:
@@ -186,7 +184,7 @@ def run_sweep(cfg, root: str, *, progress: bool = False) -> int:
   tok = common.resolve_tokenizer(cfg, root, build_char_from=char_text)
   common.fill_vocab_size(cfg, tok)
   train_tokens = len(corpus.documents(cfg, "train", tok,
-                                        cache_dir=os.path.join(root, "token_cache")).tokens)
+                                     cache_dir=os.path.join(root, "token_cache")).tokens)
   runs = plan(cfg)
   with open(os.path.join(root, "config.json"), "w") as f:
     f.write(config_lib.to_json(cfg))
