@@ -11,7 +11,8 @@ run starts from; each run's length, warm-up and cosine decay follow its own toke
 
 Presets:
   tiny   3 budgets (5e10, 1.5e11, 5e11 FLOPs) x 5 sizes (15k-237k parameters) x 2 seeds, character
-         level, 1,024 tokens a step: about 20 minutes on 2 idle CPU cores.
+         level, 1,024 tokens a step: 29 minutes on the shared 2-core host at load 8-11
+         (2026-12-02, benchmarks/RESULTS.md); not timed on an idle host.
   micro  2 budgets x 3 sizes x 1 seed, for the tests (seconds per run).
   gpu    GPT-2-style sizes from 4 layers x 256 to 12 x 768 (the 124M shape), budgets 3e15-3e16, a
          16k-token batch in bfloat16; written for one GPU and NOT YET MEASURED. The corpus is about
