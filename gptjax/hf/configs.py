@@ -37,7 +37,6 @@ INERT = {
     "summary_proj_to_labels", "summary_first_dropout", "n_ctx", "task_specific_params",
     "cache_implementation", "tokenizer_class", "num_labels", "finetuning_task",
     "tie_encoder_decoder", "torchscript", "use_return_dict", "gradient_checkpointing",
-    "_sliding_window_pattern", "sliding_window_pattern", "max_window_layers", "use_sliding_window",
     "reorder_and_upcast_attn",    # only where softmax is computed; gptjax always computes it in fp32
 }
 # Field -> the values we accept (the ones that leave the math as we implement it).
@@ -60,12 +59,13 @@ USED = {
               "rope_parameters", "attention_bias", "mlp_bias", "head_dim"},
 }
 USED["mistral"] = USED["llama"] - {"attention_bias", "mlp_bias"} | {"sliding_window"}
-USED["qwen2"] = USED["llama"] - {"attention_bias", "mlp_bias", "head_dim"} | {
-    "sliding_window", "layer_types"}
-USED["qwen3"] = USED["llama"] - {"mlp_bias"} | {"sliding_window", "layer_types"}
+_QWEN_WINDOW = {"sliding_window", "layer_types", "use_sliding_window", "max_window_layers"}
+USED["qwen2"] = USED["llama"] - {"attention_bias", "mlp_bias", "head_dim"} | _QWEN_WINDOW
+USED["qwen3"] = USED["llama"] - {"mlp_bias"} | _QWEN_WINDOW
 USED["gemma3_text"] = USED["llama"] - {"hidden_act", "mlp_bias"} | {
     "hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer_types",
-    "rope_local_base_freq", "final_logit_softcapping"}
+    "rope_local_base_freq", "final_logit_softcapping", "sliding_window_pattern",
+    "_sliding_window_pattern"}
 
 
 @dataclasses.dataclass(frozen=True)
