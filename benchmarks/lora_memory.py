@@ -40,7 +40,8 @@ def child(mode: str, args) -> dict:
 
   shape = {**QWEN05, **({"num_layers": args.num_layers} if args.num_layers else {}),
            **({"vocab_size": args.vocab_size} if args.vocab_size else {})}
-  cfg = ModelConfig(**shape, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
+  cfg = ModelConfig(**shape, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat,
+                    scan_unroll=args.scan_unroll)
   spec = lora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank) if mode == "lora" else None
   model = lora.wrap(GPT(cfg), spec)
   params = jax.jit(lambda r: nn.meta.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]))(
@@ -101,6 +102,8 @@ def main():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--remat", default="full")
   ap.add_argument("--steps", type=int, default=2)
+  # 0 unrolls every layer (the CPU default: faster), 1 keeps a rolled loop over layers.
+  ap.add_argument("--scan_unroll", type=int, default=0)
   ap.add_argument("--num_layers", type=int, default=0)   # 0: Qwen2.5-0.5B's (smoke tests: fewer)
   ap.add_argument("--vocab_size", type=int, default=0)
   ap.add_argument("--child", default="")
