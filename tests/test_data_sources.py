@@ -163,14 +163,20 @@ def test_two_builders_racing_on_one_data_dir_both_get_the_data(tmp_path, data_di
   assert sorted(p["chosen"] for p in prefs) == ["fine", "good"]
 
 
-def test_building_a_local_dataset_says_so_without_tfds_download_message(tmp_path, capfd):
+def test_building_a_local_dataset_says_so_without_tfds_download_message(tmp_path, capfd,
+                                                                          caplog):
   """TFDS announces "Downloading and preparing dataset Unknown size" for builders that download
-  nothing; ours say what happens instead, once, and nothing when the build is reused."""
+  nothing, and warns of a "custom data configuration" and a variant folder without
+  dataset_info.json, the normal path here; ours say what happens instead, once, and nothing when
+  the build is reused."""
+  import logging
+  caplog.set_level(logging.WARNING)
   path = _jsonl(tmp_path / "t.jsonl", [{"text": "one"}, {"text": "two"}])
   data_dir = str(tmp_path / "tfds")
   assert len(open_source("text_files:" + path, data_dir=data_dir)) == 2
   out = capfd.readouterr().out
   assert "Downloading" not in out and "Unknown size" not in out, out
+  assert not [r for r in caplog.records if r.name == "absl"], caplog.text
   assert out.count("[data] preparing the ") == 1 and data_dir in out, out
   assert len(open_source("text_files:" + path, data_dir=data_dir)) == 2
   assert "[data]" not in capfd.readouterr().out

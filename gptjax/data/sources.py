@@ -101,19 +101,36 @@ def _download_and_prepare(builder) -> None:
     builder.download_and_prepare(file_format="array_record")
 
 
+class _QuietTfdsWarnings:
+  """TFDS warns "Using custom data configuration" and "Variant folder ... has no
+  dataset_info.json" for every first build of our configurable builders: both are the normal
+  path here, and read like faults. Its warnings are held back while our builders build; errors
+  still show."""
+
+  def __enter__(self):
+    import logging
+    self.logger = logging.getLogger("absl")
+    self.level = self.logger.level
+    self.logger.setLevel(logging.ERROR)
+
+  def __exit__(self, *exc):
+    self.logger.setLevel(self.level)
+
+
 def _prepared(make_builder, *, spec: str, split: str) -> Source:
   # TFDS writes into a temporary folder and renames it at the end, so an interrupted build is
   # never mistaken for a finished one.
-  builder = make_builder()
-  try:
-    _download_and_prepare(builder)
-  except FileExistsError:
-    # Processes that share a data_dir (several on one machine, or a shared disk) may build the
-    # same dataset at once; the one whose rename comes second finds a finished copy in place (a
-    # rename only ever installs a complete build). Read that copy with a builder made afresh,
-    # since this one's info describes the build it abandoned.
+  with _QuietTfdsWarnings():
     builder = make_builder()
-    builder.download_and_prepare(file_format="array_record")
+    try:
+      _download_and_prepare(builder)
+    except FileExistsError:
+      # Processes that share a data_dir (several on one machine, or a shared disk) may build the
+      # same dataset at once; the one whose rename comes second finds a finished copy in place
+      # (a rename only ever installs a complete build). Read that copy with a builder made
+      # afresh, since this one's info describes the build it abandoned.
+      builder = make_builder()
+      builder.download_and_prepare(file_format="array_record")
   splits = builder.info.splits
   base = split.split("[")[0]
   if base not in splits:
