@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import objectives
 from gptjax import perf
 from gptjax import step as step_lib
 from gptjax.losses import policy
@@ -63,7 +64,7 @@ def build(algorithm: str):
   group = GROUP if algorithm == "grpo" else 1
   n_prompts = PROMPTS if algorithm == "grpo" else PROMPTS * GROUP
   cfg = rollout.RolloutConfig(
-      algorithm=algorithm, prompts_per_iteration=n_prompts, group_size=group,
+      objective=objectives.get(algorithm), prompts_per_iteration=n_prompts, group_size=group,
       max_new_tokens=NEW_TOKENS, temperature=1.0, epochs=1 if algorithm == "grpo" else 4,
       minibatch_size=PROMPTS * GROUP, kl_estimator="k3" if algorithm == "grpo" else "k1",
       filter_zero_spread=False)

@@ -16,12 +16,18 @@ seed (add 'pretrain' and 'sft' to redo those too).
 Every stage's sub-config can be overridden, e.g. `--config.ppo.rl.kl_coef=0.0` or
 `--config.pretrain.train.steps=2000`; `--config.pipeline.stages="('tokenizer','pretrain')"` runs a
 prefix of the pipeline. The optional stages `grpo`, `dpo` and `ppo_beta0` (PPO with β = 0, the
-over-optimisation run) are added the same way.
+over-optimisation run) are added the same way, and so is every other objective with a preset file
+in experiments/ (`ipo`, `rloo`, `reinforce_pp`, `gspo`, `kto`, `orpo`, `simpo`).
 """
+
+import os
 
 import ml_collections
 
+from gptjax import objectives, stage_names
+
 from . import common
+from . import ppo as ppo_exp
 from . import reward as reward_exp
 from . import rl as rl_exp
 from . import sft as sft_exp
@@ -83,21 +89,30 @@ def get_config(arg=None):
   stage = "gpu" if preset == "tpu" else preset
   c.sft = sft_exp.get_config(stage)
   c.reward = reward_exp.get_config(stage)
-  c.ppo = rl_exp.get_config(f"ppo_{stage}")
-  c.grpo = rl_exp.get_config(f"grpo_{stage}")
-  c.dpo = rl_exp.get_config(f"dpo_{stage}")
+  # One sub-config per policy stage: every compared objective with a preset file here (a new
+  # objective's preset makes it a stage, with no edit in this file).
+  here = os.path.dirname(os.path.abspath(__file__))
+  policies = []
+  for name in stage_names.policy_stages():
+    if name in stage_names.ABLATIONS or not os.path.exists(os.path.join(here, name + ".py")):
+      continue
+    c[name] = rl_exp.get_config(f"{name}_{stage}")
+    policies.append(c[name])
   # The over-optimisation run (an optional stage): the PPO stage with β = 0, a third longer.
-  c.ppo_beta0 = rl_exp.without_kl(
-      rl_exp.get_config(f"ppo_{stage}"), iterations=c.ppo.rl.iterations * 4 // 3)
+  c.ppo_beta0 = ppo_exp.without_kl(ppo_exp.get_config(stage),
+                                   iterations=c.ppo.rl.iterations * 4 // 3)
+  policies.append(c.ppo_beta0)
   if preset == "tpu":
-    for sub in (c.sft, c.reward, c.ppo, c.grpo, c.dpo, c.ppo_beta0):
+    for sub in (c.sft, c.reward, *policies):
       sub.mesh.shape = c.pretrain.mesh.shape
   if preset == "micro":
-    # rl.py's micro presets train a random model on a toy reward; in the pipeline the policy is
-    # the SFT model and the reward is the RM, on the plays' held-out prompts.
-    for algo in (c.ppo, c.grpo, c.ppo_beta0):
-      algo.rl.update(prompts=(), reward="rm", eval_prompts=8, eval_split="validation",
-                     max_prompts=64, iterations=2)
-      algo.data.source = "shakespeare:dialogue"
+    # The micro presets of online objectives train a random model on a toy reward; in the
+    # pipeline the policy is the SFT model and the reward is the RM, on the plays' held-out
+    # prompts.
+    for sub in policies:
+      if objectives.get(sub.loss.name).online:
+        sub.rl.update(prompts=(), reward="rm", eval_prompts=8, eval_split="validation",
+                      max_prompts=64, iterations=2)
+        sub.data.source = "shakespeare:dialogue"
   c.distributed = common.base_config().distributed
   return c

@@ -1,7 +1,8 @@
 """The pipeline's comparison step: every stage's model on the same held-out prompts.
 
-For base, SFT, best-of-16 (SFT reranked by the RM), PPO, GRPO, DPO and PPO with β = 0 (those that
-ran), one reply per held-out prompt is sampled at the same temperature and seed and scored by the
+For base, SFT, best-of-16 (SFT reranked by the RM) and every policy stage that ran (PPO, GRPO,
+DPO, PPO with β = 0, and any other objective's stage: `stage_names.policy_stages`), one reply
+per held-out prompt is sampled at the same temperature and seed and scored by the
 gold labeler (VADER) and by the RM, the proxy the RL stages optimise; the KL to SFT, distinct-2 and
 the end-of-turn rate come beside it. Writes `<run>/compare.json`.
 
@@ -44,7 +45,7 @@ def run(cfg, run_dir: str, *, progress: bool = False) -> dict:
                 temperature=ppo_cfg.rl.eval_temperature, prompt_len=ppo_cfg.rl.prompt_len,
                 seed=cfg.seed + 1234)
   policies = {"base": d("pretrain"), "sft": sft}
-  for name in stage_names.COMPARED:
+  for name in stage_names.policy_stages():
     if name in pc.stages and _done(run_dir, name):
       policies[name] = d(name)
   results = {}
@@ -62,7 +63,7 @@ def run(cfg, run_dir: str, *, progress: bool = False) -> dict:
       ns = sorted(set(pc.best_of_n) | {BEST_OF_ROW})
       bon, results["best-of-16"] = best_of_n_curve(loaded, scorer=scorer, ns=ns,
                                                    progress=bar("best-of-N"), **common)
-  ordered = ["base", "sft", "best-of-16", *stage_names.COMPARED]
+  ordered = ["base", "sft", "best-of-16", *stage_names.policy_stages()]
   out_policies = {}
   for name in ordered:
     if name not in results:

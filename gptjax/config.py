@@ -104,15 +104,35 @@ def _parse_value(text: str, old, field: str):
   return value
 
 
+def _declared_loss_field(node, parts, i) -> bool:
+  """Whether parts[i] is a hyperparameter the loss of a `loss` node declares but the preset does
+  not set: it is added (with the loss's default), so `--config.loss.gamma=…` works for any loss
+  that takes `gamma`."""
+  if i != len(parts) - 1 or (parts[i - 1] if i else None) != "loss" or "name" not in node:
+    return False
+  from gptjax import objectives
+  declared = objectives.hyperparameters(node.name)
+  if parts[i] not in declared:
+    return False
+  with node.unlocked():
+    node[parts[i]] = declared[parts[i]]
+  return True
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
-  for item in overrides:
-    item = item[len("--config."):] if item.startswith("--config.") else item
+  items = [o[len("--config."):] if o.startswith("--config.") else o for o in overrides]
+  # A loss's name first: its declared hyperparameters decide which loss.* fields exist.
+  items.sort(key=lambda o: not o.split("=", 1)[0].endswith("loss.name"))
+  for item in items:
     if "=" not in item:
       raise ConfigError(f"config override {item!r}: expected field=value")
     key, text = item.split("=", 1)
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      if isinstance(node, ml_collections.ConfigDict) and part not in node and \
+          _declared_loss_field(node, parts, i):
+        pass
+      elif not isinstance(node, ml_collections.ConfigDict) or part not in node:
         known = list(_all_fields(cfg))
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -3,7 +3,8 @@
     gptjax pipeline --config experiments/shakespeare_assistant.py:tiny --workdir runs/demo
 
 Stages run in `cfg.pipeline.stages` order: tokenizer → pretrain → sft → rm_data → reward → ppo,
-with grpo, dpo and ppo_beta0 (PPO without its KL penalty: the over-optimisation run) as optional
+with grpo, dpo, ppo_beta0 (PPO without its KL penalty: the over-optimisation run) and every other
+registered objective with a preset (ipo, rloo, reinforce_pp, gspo, kto, orpo, simpo) as optional
 branches from SFT, then the comparison and the report card. Each
 stage writes `<run>/<stage>/done.json` when it completes; running the command again skips completed
 stages and resumes a partial one from its own checkpoints, so a killed pipeline finishes with the
@@ -32,8 +33,9 @@ import time
 import jax
 
 from gptjax import config as config_lib
+from gptjax import stage_names
 from gptjax.data.errors import DataError
-from gptjax.stage_names import ALL_STAGES, COMPARED, RL_STAGES, SEEDS_DIR
+from gptjax.stage_names import SEEDS_DIR
 
 DONE_FILE = "done.json"
 
@@ -88,7 +90,7 @@ def stage_fingerprint(cfg, name: str, run_dir: str) -> dict:
     for field in ("stages", "seeds", "seeded_stages"):   # they do not change this comparison
       pc.pop(field, None)
     parts = {"pipeline": pc, "ppo.rl": cfg.ppo.rl.to_dict(),
-             "compared": [n for n in COMPARED
+             "compared": [n for n in stage_names.policy_stages()
                           if n in cfg.pipeline.stages and is_done(run_dir, n)]}
   elif name == "report":
     parts = {}                      # rewritten from the files on every run
@@ -180,15 +182,20 @@ def _train_stage(name, init_from=""):
 
 
 def _link(c, name, run_dir):
-  """Points a stage at the outputs of the stages it reads (beyond init_from)."""
+  """Points a stage at the outputs of the stages it reads (beyond init_from): an online policy
+  stage at the RM, an offline one at the preference data (by its objective's runner)."""
   if name == "reward":
     # The reward stage finds the rm_data step's files through the same manifest, so it reuses
     # them instead of sampling again.
     _set(c, "rm_data.out_dir", stage_dir(run_dir, "rm_data"))
-  if name in RL_STAGES:
+  if name not in stage_names.policy_stages():
+    return
+  from gptjax import objectives
+  runner = objectives.for_stage(c).runner
+  if runner == "rl":
     _set(c, "rl.reference_workdir", stage_dir(run_dir, "sft"))
     _set(c, "rl.reward_workdir", stage_dir(run_dir, "reward"))
-  if name == "dpo":
+  if runner == "preference":
     # The files of this run directory, not the paths recorded when they were written: a run
     # moved or copied elsewhere must read its own copy.
     rm_dir = stage_dir(run_dir, "rm_data")
@@ -223,19 +230,18 @@ def _report(cfg, run_dir, progress):
   return {"report": path}
 
 
-STAGE_FNS = {
-    "tokenizer": _tokenizer,
-    "pretrain": _train_stage("pretrain"),
-    "sft": _train_stage("sft", init_from="pretrain"),
-    "rm_data": _rm_data,
-    "reward": _train_stage("reward", init_from="sft"),
-    "ppo": _train_stage("ppo", init_from="sft"),
-    "grpo": _train_stage("grpo", init_from="sft"),
-    "dpo": _train_stage("dpo", init_from="sft"),
-    "ppo_beta0": _train_stage("ppo_beta0", init_from="sft"),
-    "compare": _compare,
-    "report": _report,
-}
+def stage_fns() -> dict:
+  """Stage name -> its function; every policy stage (stage_names.policy_stages) trains from SFT."""
+  return {
+      "tokenizer": _tokenizer,
+      "pretrain": _train_stage("pretrain"),
+      "sft": _train_stage("sft", init_from="pretrain"),
+      "rm_data": _rm_data,
+      "reward": _train_stage("reward", init_from="sft"),
+      **{name: _train_stage(name, init_from="sft") for name in stage_names.policy_stages()},
+      "compare": _compare,
+      "report": _report,
+  }
 
 
 def _read_json(path):
@@ -288,14 +294,16 @@ def stage_summary(run_dir: str, name: str, info: dict) -> str:
     parts = [("held-out accuracy", ev.get("accuracy_noisy")),
              ("vs the noiseless labeler", ev.get("accuracy_noiseless")),
              ("Spearman with gold", ev.get("spearman_gold"))]
-  elif name in RL_STAGES:
+  elif name in stage_names.rl_stages():
     last = _last_line(os.path.join(d, "rl_iterations.jsonl")) or {}
     parts = [("last iteration: RM score", last.get("rl/score")),
              ("gold", last.get("rl/gold_score")), ("KL", last.get("rl/kl")),
              ("held-out gold", ev.get("gold_mean")), ("KL to SFT", ev.get("kl_to_ref"))]
-  elif name == "dpo":
-    parts = [("preference accuracy", final.get("dpo/accuracy")),
-             ("margin", final.get("dpo/margin")), ("held-out gold", ev.get("gold_mean"))]
+  elif name in stage_names.policy_stages():
+    # An offline objective: its own pair metrics (dpo/accuracy, orpo/accuracy, ...), then gold.
+    parts = [(k.replace("/", " "), final[k]) for k in sorted(final)
+             if k.endswith(("/accuracy", "/margin")) and not k.startswith(("train/", "eval/"))]
+    parts.append(("held-out gold", ev.get("gold_mean")))
   elif name == "compare":
     c = _read_json_or_none(os.path.join(run_dir, "compare.json")) or {}
     parts = [(f"{p} gold", r.get("gold_mean")) for p, r in c.get("policies", {}).items()]
@@ -309,11 +317,13 @@ def _stage_work(cfg, name: str):
   the supervised stages, tokens sampled and trained on for the online RL ones."""
   if name not in cfg:
     return None, 0
-  if name in ("pretrain", "sft", "reward", "dpo"):
+  online = stage_names.rl_stages()
+  offline = [s for s in stage_names.policy_stages() if s not in online]
+  if name in ("pretrain", "sft", "reward") or name in offline:
     c = cfg[name]
-    pairs = 2 if name == "dpo" else 1
-    return "train", c.train.steps * c.train.batch_size * c.data.seq_len * pairs
-  if name in RL_STAGES:
+    sides = 2 if name in offline else 1          # pairs, or a reply and its mismatched one (KTO)
+    return "train", c.train.steps * c.train.batch_size * c.data.seq_len * sides
+  if name in online:
     r = cfg[name].rl
     rollouts = r.iterations * r.prompts_per_iteration * max(r.group_size, 1)
     return "rl", rollouts * (r.prompt_len + r.max_new_tokens) * (1 + r.epochs)
@@ -327,7 +337,7 @@ def eta_line(cfg, run_dirs, remaining) -> str | None:
   names, or (directory, stage name) pairs, still to run (those already complete count zero)."""
   rates = {}
   for d in dict.fromkeys([run_dirs] if isinstance(run_dirs, str) else run_dirs):
-    for name in STAGE_FNS:
+    for name in stage_fns():
       kind, work = _stage_work(cfg, name)
       if kind and work and is_done(d, name) and not os.path.islink(stage_dir(d, name)):
         wall = (_read_json_or_none(os.path.join(stage_dir(d, name), DONE_FILE)) or {}
@@ -376,13 +386,18 @@ def stage_fn(cfg, name: str):
     except (ImportError, AttributeError) as e:
       raise config_lib.ConfigError(f"pipeline.stage_fns.{name}: cannot load {extra[name]!r} "
                                    f"({e})") from None
-  if name in STAGE_FNS:
-    return STAGE_FNS[name]
+  builtin = stage_fns()
+  if name in builtin:
+    if name in stage_names.policy_stages() and name not in cfg:
+      raise config_lib.ConfigError(
+          f"pipeline.stages: stage {name!r} has no sub-config {name!r} in this config (the "
+          f"assistant recipe makes one from experiments/{name}.py)")
+    return builtin[name]
   if name in cfg and "stage" in cfg[name]:
     return _train_stage(name)
   raise config_lib.ConfigError(f"pipeline.stages: unknown stage {name!r}; expected one of "
-                               f"{ALL_STAGES}, a name in pipeline.stage_fns, or a sub-config "
-                               "with a 'stage' field")
+                               f"{stage_names.all_stages()}, a name in pipeline.stage_fns, or a "
+                               "sub-config with a 'stage' field")
 
 
 def seeded_stages(cfg) -> list[str]:
@@ -395,7 +410,8 @@ def seeded_stages(cfg) -> list[str]:
           f"pipeline.seeded_stages: {s!r} cannot run per seed; expected stages of "
           f"pipeline.stages other than tokenizer and report")
   if not chosen:
-    chosen = ALL_STAGES[ALL_STAGES.index("sft") + 1:]
+    names = stage_names.all_stages()
+    chosen = names[names.index("sft") + 1:]
   return [s for s in cfg.pipeline.stages if s in chosen and s != "report"]
 
 

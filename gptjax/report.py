@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from gptjax import stage_names  # noqa: E402
 
 # The stages that train (and so log metrics.jsonl), in the pipeline's order.
-TRAIN_STAGES = tuple(s for s in stage_names.ALL_STAGES
+TRAIN_STAGES = tuple(s for s in stage_names.all_stages()
                      if s not in ("tokenizer", "rm_data", "compare", "report"))
 
 
@@ -86,9 +86,15 @@ def _plot_curves(run_dir, stages, keys_by_stage, title, fname, ylabel=None):
 
 
 def loss_keys(stage):
-  return {"pretrain": ["train/loss", "eval/loss"], "sft": ["train/loss", "eval/loss"],
-          "reward": ["train/loss", "eval/rm_loss"], "dpo": ["train/loss", "eval/loss"]}.get(
-              stage, ["train/loss"])
+  """The curves of a stage's loss panel: an offline policy stage (DPO, KTO, ...) is evaluated on
+  held-out data as it trains, an online one only logs its training loss."""
+  keys = {"pretrain": ["train/loss", "eval/loss"], "sft": ["train/loss", "eval/loss"],
+          "reward": ["train/loss", "eval/rm_loss"]}
+  if stage in keys:
+    return keys[stage]
+  if stage in stage_names.policy_stages() and stage not in stage_names.rl_stages():
+    return ["train/loss", "eval/loss"]
+  return ["train/loss"]
 
 
 def _bar(run_dir, compare, fname):
@@ -413,7 +419,7 @@ def write(run_dir: str) -> str:
 
   # The online RL stages' loss is a surrogate whose value says nothing of progress (it hovers
   # around zero by construction); their curves are the RL section's.
-  loss_stages = [s for s in stages if s not in stage_names.RL_STAGES]
+  loss_stages = [s for s in stages if s not in stage_names.rl_stages()]
   loss = _plot_curves(run_dir, loss_stages, loss_keys, "Loss curves", "losses.png", "loss")
   if loss:
     lines += ["## Training curves", "", f"![losses]({loss})", ""]
@@ -429,7 +435,7 @@ def write(run_dir: str) -> str:
       lines += [f"| {k} | {_fmt(v)} |" for k, v in rm_eval.items()
                 if isinstance(v, (int, float))]
       lines.append("")
-  rl_stages = [s for s in stage_names.RL_STAGES if s in stages]
+  rl_stages = [s for s in stage_names.rl_stages() if s in stages]
   rl = _rl_curves(run_dir, rl_stages, "rl.png")
   if rl:
     lines += ["## Reinforcement learning", "",
@@ -464,7 +470,7 @@ def write(run_dir: str) -> str:
 
   lines += ["## Timings", "", "| stage | wall (s) | compile (s) | steps | tokens/s | MFU |",
             "|---|---|---|---|---|---|"]
-  for s in (s for s in stage_names.ALL_STAGES if s != "report"):
+  for s in (s for s in stage_names.all_stages() if s != "report"):
     done = _load_json(os.path.join(run_dir, s, "done.json"))
     if not done:
       continue

@@ -121,6 +121,21 @@ def filter_logits(logits, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 
   return logits
 
 
+def process_logits(logits, *, seen=None, repetition_penalty: float = 1.0,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0):
+  """The sampler's whole logit chain, in its order: repetition penalty (on tokens `seen` [..., V]
+  bool), then temperature, then top-k, top-p and min-p. [..., V] -> [..., V] float32, removed
+  tokens at -inf; sampling draws from softmax of the result. Temperature 0 means greedy: the
+  penalised logits come back unscaled and unfiltered, and the sampler takes their argmax.
+  `generate`, `stream` and anything else that wants the same distribution call this."""
+  if seen is not None:
+    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+  if temperature == 0.0:
+    return logits
+  return filter_logits(logits / temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
 def sample_categorical(key, logits):
   """One draw per row from softmax(logits) [..., V] -> int32 [...], by inverting the CDF with a
   single uniform per row. Tokens at -inf (filtered out) have zero mass and are never drawn.
@@ -257,12 +272,13 @@ def _head_logits(cfg, params, hidden):
 def _choose(state: DecodeState, rng, c: SamplingControls):
   """Samples token `state.step` for every row and records it. Returns the new state."""
   raw = state.logits
-  logits = apply_repetition_penalty(raw, state.seen, c.repetition_penalty)
+  logits = process_logits(raw, seen=state.seen, repetition_penalty=c.repetition_penalty,
+                          temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                          min_p=c.min_p)
   key = jax.random.fold_in(rng, state.step)
   if c.temperature == 0.0:
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   else:
-    logits = filter_logits(logits / c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p)
     token = sample_categorical(key, logits)
   lp = token_logprobs(raw[:, None, :], token[:, None],
                       temperature=c.temperature if c.temperature > 0 else 1.0)[:, 0]

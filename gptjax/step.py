@@ -6,7 +6,8 @@
 `loss_fn(params, batch, *, frozen, rng, model) -> (loss, metrics)` is any registered loss with its
 hyperparameters bound. The step does value_and_grad (optionally over micro-batches with lax.scan),
 the optax update and the norms. The state is donated, so its buffers are reused in place; `frozen`
-(reference policy, reward model) is a plain argument and is never donated or updated.
+(networks a loss reads but never trains: LoRA's frozen base) is a plain argument and is never
+donated or updated. Reference log-probs travel in the batch instead (gptjax/objectives says why).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one training loop. Every stage calls `train` with its own loss, batch source and hooks.
 
-    train(cfg, workdir=..., model=..., loss_fn=..., source=..., mesh=..., init_params=...,
-          frozen=None, init_from=None, evaluate=None, sample=None)
+    train(cfg, Job(model=..., loss_fn=..., source=..., mesh=..., init_params=..., init_from=...,
+                   evaluate=..., sample=...), workdir=...)
 
 A batch source is any object with
     next(state) -> batch          global arrays sharded over the batch axes
@@ -117,18 +117,44 @@ def average_metrics(ms: list[dict]) -> dict:
   return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
 
 
-def train(cfg, *, workdir: str, model, loss_fn: Callable, source, mesh, init_params: Callable,
-          frozen=None, init_from: Callable | None = None, evaluate: Callable | None = None,
-          sample: Callable | None = None, tokens_per_step: int | None = None,
-          flops_per_token: float | None = None, steps: int | None = None,
-          on_step: Callable | None = None, progress: bool = True,
-          base_params=None) -> TrainResult:
-  """Runs (or resumes) one stage to `cfg.train.steps` and saves its final checkpoint.
+@dataclasses.dataclass
+class Job:
+  """What one stage hands the loop: its network, loss, batches and hooks.
 
   init_params(rng) -> boxed params (flax `init` output); called under eval_shape and jit, so the
   full state is never built on one device. init_from(fresh_params) -> params, when there is no
-  checkpoint in `workdir` yet (e.g. load the previous stage's parameters).
+  checkpoint in the workdir yet (e.g. load the previous stage's parameters). `frozen` reaches
+  every loss call unchanged: networks a loss reads but never trains (with LoRA, the frozen base;
+  see gptjax/objectives). base_params: with LoRA, the initial full parameters to keep frozen (the
+  runner's reference reads the same buffers). evaluate(state) and sample(state) run every
+  train.eval_every / train.sample_every steps; on_step(step, state, metrics) after every step.
+  tokens_per_step and flops_per_token feed the throughput and MFU logs; `steps` overrides
+  train.steps (RL counts iterations).
   """
+  model: Any
+  loss_fn: Callable
+  source: Any
+  mesh: Any
+  init_params: Callable
+  init_from: Callable | None = None
+  frozen: Any = None
+  evaluate: Callable | None = None
+  sample: Callable | None = None
+  on_step: Callable | None = None
+  tokens_per_step: int | None = None
+  flops_per_token: float | None = None
+  steps: int | None = None
+  base_params: Any = None
+
+
+def train(cfg, job: Job, *, workdir: str, progress: bool = True) -> TrainResult:
+  """Runs (or resumes) one stage to `cfg.train.steps` (or `job.steps`) and saves its final
+  checkpoint."""
+  model, loss_fn, source, mesh = job.model, job.loss_fn, job.source, job.mesh
+  init_params, init_from, frozen = job.init_params, job.init_from, job.frozen
+  evaluate, sample, on_step, steps = job.evaluate, job.sample, job.on_step, job.steps
+  tokens_per_step, flops_per_token = job.tokens_per_step, job.flops_per_token
+  base_params = job.base_params
   t_cfg = cfg.train
   total = int(t_cfg.steps if steps is None else steps)
   nan_policy = t_cfg.get("nan_policy", "halt")

@@ -62,3 +62,36 @@ def test_the_checker_sees_a_sibling_import(tmp_path):
   p = tmp_path / "x.py"
   p.write_text("from gptjax.stages import rl as rl_stage\nimport gptjax.stages.sft\n")
   assert runners_imported(str(p)) == {"rl", "sft"}
+
+
+def objective_name_comparisons(path: str, names: set[str]) -> list[str]:
+  """`x == 'ppo'`, `x != 'grpo'`, `x in ('ppo', 'grpo')`: code that branches on an objective's
+  name (line numbers)."""
+  tree = ast.parse(open(path).read(), filename=path)
+  found = []
+  for node in ast.walk(tree):
+    if not isinstance(node, ast.Compare):
+      continue
+    for op, right in zip(node.ops, node.comparators):
+      consts = [right] if isinstance(right, ast.Constant) else \
+          list(right.elts) if isinstance(right, (ast.Tuple, ast.List, ast.Set)) else []
+      left = node.left if isinstance(node.left, ast.Constant) else None
+      values = {c.value for c in consts + ([left] if left else [])
+                if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+      if values & names and isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)):
+        found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
+  return found
+
+
+def test_no_code_outside_the_registry_branches_on_a_policy_objective_name():
+  """The rollouts, the runners, the pipeline, the comparison and the report read Objective
+  fields; only gptjax/objectives/ (and the stage-name module, for the report's order) name them."""
+  from gptjax import objectives
+  names = {o.name for o in objectives.registered() if o.runner in ("rl", "preference")}
+  allowed = (os.path.join(PKG, "objectives"), os.path.join(PKG, "stage_names.py"))
+  # Not an objective: a pipeline run's stage directory, suggested in a help message.
+  directory_names = {"gptjax/checkpoint.py"}
+  found = [hit for p in list(library_files()) + [os.path.join(STAGES, r + ".py") for r in RUNNERS]
+           if not p.startswith(allowed) for hit in objective_name_comparisons(p, names)
+           if hit.split(":")[0] not in directory_names]
+  assert not found, f"branches on an objective's name: {found}"

@@ -215,9 +215,9 @@ def test_reward_model_learns_a_marker_rule(tmp_path):
   env = common.make_env(cfg, scalar_head=True)
   source = in_memory.InMemorySource(synthetic_pairs(512, 0), wrap=lambda a: batches.RewardBatch(**a),
                                     mesh=env.mesh, global_batch=32, seed=0)
-  result = trainer.train(cfg, workdir=str(tmp_path), model=env.model,
-                         loss_fn=common.bind_loss(cfg), source=source, mesh=env.mesh,
-                         init_params=common.init_params_fn(env.model), progress=False)
+  result = trainer.train(cfg, trainer.Job(
+      model=env.model, loss_fn=common.bind_loss(cfg), source=source, mesh=env.mesh,
+      init_params=common.init_params_fn(env.model)), workdir=str(tmp_path), progress=False)
   held_out = synthetic_pairs(256, 1)
   eval_step = trainer.make_eval_step(common.bind_loss(cfg), env.model)
   m = eval_step(result.state.params, batches.RewardBatch(**held_out), None)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import batches
+from gptjax import batches, objectives
 from gptjax.data import chat, tokenizers
 from gptjax.losses import dpo as dpo_lib
 from gptjax.losses import policy
@@ -32,7 +32,8 @@ def _source(model, params, algorithm, prompts_per_iteration=4, **kw):
   prompts = np.full((len(ids), p), TOK.pad_id, np.int32)
   for i, x in enumerate(ids):
     prompts[i, :len(x)] = x
-  cfg = rollout.RolloutConfig(algorithm=algorithm, prompts_per_iteration=prompts_per_iteration,
+  cfg = rollout.RolloutConfig(objective=objectives.get(algorithm),
+                              prompts_per_iteration=prompts_per_iteration,
                               max_new_tokens=8,
                               temperature=0.7, epochs=2, minibatch_size=4, seed=3, **kw)
   return rollout.RolloutSource(

@@ -449,3 +449,18 @@ def test_sample_replies_shows_a_bar_over_its_batches_only_when_asked(capsys):
   err = capsys.readouterr().err
   assert "rm_data: sampling train replies" in err and "3/3" in err, err
   assert quiet[0] == shown[0]
+
+
+def test_the_logit_chain_is_one_public_function_in_its_order():
+  """Repetition penalty, then temperature, then top-k, top-p, min-p: worked by hand."""
+  from gptjax import sampling as sampling_lib
+  logits = jnp.asarray([[2.0, 1.0, -1.0, 0.5]])
+  seen = jnp.asarray([[True, False, True, False]])
+  # Penalty 2 on seen tokens: 2 -> 1, -1 -> -2; then /0.5: [2, 2, -4, 1]; top-3 drops -4; min-p
+  # 0.5 keeps tokens with p >= p_max / 2: e^1 < e^2 / 2, so 1 goes too.
+  out = sampling_lib.process_logits(logits, seen=seen, repetition_penalty=2.0, temperature=0.5,
+                                    top_k=3, min_p=0.5)
+  np.testing.assert_array_equal(np.isfinite(out), [[True, True, False, False]])
+  np.testing.assert_allclose(np.asarray(out)[0, :2], [2.0, 2.0])
+  greedy = sampling_lib.process_logits(logits, seen=seen, repetition_penalty=2.0, temperature=0.0)
+  np.testing.assert_allclose(greedy, [[1.0, 1.0, -2.0, 0.5]])

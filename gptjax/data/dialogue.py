@@ -127,3 +127,36 @@ def encode_prompts(messages: list[list[dict]], tok, prompt_len: int):
     lengths[i] = len(x)
     texts.append(m[-1]["content"])
   return ids, lengths, texts
+
+
+def _fit_reply(prompt_ids, reply_ids, seq_len):
+  """ids (≤ seq_len + 1) and the prompt's length for one prompt + reply: the reply keeps at most
+  seq_len − 3 tokens; a long prompt keeps its first two ids (<bos>, the role marker) and its end."""
+  room = seq_len + 1
+  reply_ids = reply_ids[:max(room - 4, 1)]
+  keep = room - len(reply_ids)
+  if len(prompt_ids) > keep:
+    prompt_ids = prompt_ids[:2] + prompt_ids[len(prompt_ids) - (keep - 2):]
+  ids = prompt_ids + reply_ids
+  return ids, len(prompt_ids)
+
+
+def encode_replies(prompts, replies, tok, seq_len: int) -> dict:
+  """LMBatch fields, numpy [N, seq_len], of chat prompts (messages) each followed by its reply
+  and the end of turn (`chat.reply_ids`: `<|end|>`, or an HF template's own); the loss mask
+  covers the reply and its end of turn. For losses over whole replies (DPO's pairs, KTO's
+  labelled replies)."""
+  n = len(prompts)
+  f = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids")}
+  f["inputs"][:] = tok.pad_id
+  f["targets"][:] = tok.pad_id
+  f["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
+  f["loss_mask"] = np.zeros((n, seq_len), np.float32)
+  for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+    ids, p = _fit_reply(chat.render_prompt(prompt, tok), chat.reply_ids(tok, prompt, reply),
+                        seq_len)
+    t = len(ids) - 1
+    f["inputs"][i, :t], f["targets"][i, :t] = ids[:-1], ids[1:]
+    f["segment_ids"][i, :t] = 1
+    f["loss_mask"][i, p - 1:t] = 1
+  return f

@@ -4,9 +4,15 @@ Every loss has the same signature, so the one train step can run any of them:
 
     loss_fn(params, batch, *, frozen, rng, model) -> (scalar loss, dict of metrics)
 
-`frozen` holds parameters the loss reads but never trains (the reference policy, the reward
-model); `rng` is already folded with the step number; `model` is the flax module. Metrics are
-scalars named with a slash-separated group, e.g. "train/loss".
+`frozen` is for parameters a loss reads but never trains: LoRA's frozen base, which the trainer's
+wrapper reads; no objective's own loss uses it (reference log-probs travel in the batch; see
+gptjax/objectives/__init__.py); `rng` is already folded
+with the step number; `model` is the flax module. Metrics are scalars named with a slash-separated
+group, e.g. "train/loss".
+
+A loss is the trainable part of an objective; `gptjax.objectives` says what else each needs
+(reference, critic, rollouts, data format). Registering a loss here alone is enough for an
+objective that fits an existing runner's batch (the README's example).
 """
 
 from __future__ import annotations
@@ -60,3 +66,5 @@ def _import_builtin():
     except ModuleNotFoundError as e:
       if e.name != f"gptjax.losses.{mod}":
         raise
+  # The objectives' own files (rloo, kto, ...) register their losses too.
+  importlib.import_module("gptjax.objectives").registered()

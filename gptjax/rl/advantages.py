@@ -37,33 +37,48 @@ def gae(rewards, values, mask, *, gamma: float, lam: float):
   return adv, (adv + values) * mask
 
 
-def whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
+def whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = False):
   """(x − mean) / std over the masked entries; the mean is put back when shift_mean is False
-  (rewards are whitened that way, so their sign still means something)."""
+  (rewards are whitened that way, so their sign still means something).
+
+  The variance is the biased one, Σ(x − mean)² / n, unless `unbiased` (divide by n − 1, as TRL's
+  `masked_whiten` does by default); over a rollout batch's hundreds of tokens they differ by well
+  under 1%."""
   mask = mask.astype(jnp.float32)
   n = jnp.maximum(mask.sum(), 1.0)
   mean = jnp.sum(x * mask) / n
-  var = jnp.sum(jnp.square(x - mean) * mask) / n
+  var = jnp.sum(jnp.square(x - mean) * mask) / (jnp.maximum(n - 1.0, 1.0) if unbiased else n)
   out = (x - mean) * jax.lax.rsqrt(var + eps)
   if not shift_mean:
     out = out + mean
   return out * mask
 
 
-def group_advantages(scores, *, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
-  """GRPO's per-sequence advantages: each score minus its group's mean, over the group's std.
+STD_SCOPES = ("group", "batch")
+
+
+def group_advantages(scores, *, group_size: int, scale_by_std: bool = True, eps: float = 1e-4,
+                     std_scope: str = "group"):
+  """GRPO's per-sequence advantages: each score minus its group's mean, over a std.
 
   scores [B] with the G = group_size samples of a prompt in consecutive rows. Returns
   (advantages [B], spread [B] bool: the group's scores are not all equal). The std is the
-  unbiased one, as in DeepSeekMath and TRL; Dr. GRPO sets scale_by_std=False.
+  unbiased one, as in DeepSeekMath and TRL: of the group (`std_scope='group'`, as published), or
+  of all B scores (`'batch'`, TRL's scale_rewards='batch', which keeps a group whose scores barely
+  differ from being blown up to unit scale). Dr. GRPO sets scale_by_std=False.
   """
+  if std_scope not in STD_SCOPES:
+    raise ValueError(f"rl.scale_rewards: expected one of {STD_SCOPES}, got {std_scope!r}")
   b = scores.shape[0]
   if b % group_size:
     raise ValueError(f"group_advantages: {b} scores do not split into groups of {group_size}")
   s = scores.astype(jnp.float32).reshape(b // group_size, group_size)
   mean = s.mean(axis=1, keepdims=True)
   centred = s - mean
-  std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / max(group_size - 1, 1))
+  if std_scope == "group":
+    std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / max(group_size - 1, 1))
+  else:
+    std = jnp.std(s, ddof=1) if b > 1 else jnp.zeros((), jnp.float32)
   adv = centred / (std + eps) if scale_by_std else centred
   spread = jnp.broadcast_to(jnp.max(s, 1, keepdims=True) > jnp.min(s, 1, keepdims=True), s.shape)
   return adv.reshape(b), spread.reshape(b)

@@ -2,14 +2,17 @@
 log-probs, values and advantages, then hand out shuffled minibatches for K epochs.
 
     source = RolloutSource(model=..., ref_params=..., prompts=..., scorer=..., cfg=RolloutConfig(...))
-    trainer.train(cfg, source=source, loss_fn=<ppo or grpo>, ...)
+    trainer.train(cfg, trainer.Job(source=source, loss_fn=<the objective's loss>, ...), ...)
 
 One iteration = one rollout batch (prompts_per_iteration × group_size completions) followed by
 `epochs × rollout_batch / minibatch_size` train steps. Everything here is forward-only and runs
 outside the jitted update: the sampler, the reward (an RM forward or a Python function on text),
 the policy / reference / value forwards (`token_logprobs` at the sampling temperature, the same path
-as the loss, so the first minibatch has ratio 1 and identical parameters have KL 0), GAE or group
-advantages.
+as the loss, so the first minibatch has ratio 1 and identical parameters have KL 0), and the
+objective's advantage estimator (`Objective.advantages`: GAE with the KL in the reward for PPO,
+group-normalised scores for GRPO, `gae_with_kl_reward` and `group_normalised` here; others in
+their objective's file). Nothing here asks which objective it is: it reads the objective's fields
+(does it need a critic's values, may π_old come from the sampler).
 
 Exact resume. The source's JSON state is (iteration, minibatch, KL controller, score normaliser).
 Each iteration's prompts and sampling key are functions of (seed, iteration) alone, and
@@ -223,25 +226,81 @@ def score_tokens(model, params, ref_model, ref_params, layout, *, temperature: f
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "gamma", "lam", "whiten_rewards",
-                                             "whiten_advantages"))
+                                             "whiten_advantages", "unbiased"))
 def ppo_advantages(old_logp, ref_logp, values, mask, scores, beta, *, estimator: str,
-                   gamma: float, lam: float, whiten_rewards: bool, whiten_advantages: bool):
+                   gamma: float, lam: float, whiten_rewards: bool, whiten_advantages: bool,
+                   unbiased: bool = False):
   """InstructGPT rewards (−β·KL per token, + the score on the last completion token), GAE."""
   kl = kl_lib.kl_estimate(old_logp, ref_logp, estimator=estimator) * mask
   last = jnp.max(jnp.where(mask > 0, jnp.arange(mask.shape[1])[None, :], 0), axis=1)
   at_last = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * (mask.sum(1) > 0)[:, None]
   rewards = -beta * kl + scores[:, None] * at_last
   if whiten_rewards:
-    rewards = adv_lib.whiten(rewards, mask, shift_mean=False)
+    rewards = adv_lib.whiten(rewards, mask, shift_mean=False, unbiased=unbiased)
   adv, returns = adv_lib.gae(rewards, values, mask, gamma=gamma, lam=lam)
   if whiten_advantages:
-    adv = adv_lib.whiten(adv, mask)
+    adv = adv_lib.whiten(adv, mask, unbiased=unbiased)
   return adv, returns, kl
+
+
+@dataclasses.dataclass
+class Scored:
+  """One iteration's rollouts after scoring, the input of an objective's advantage estimator.
+  Per-token arrays are [B, T] over the rollout's targets; `mask` is the completion mask."""
+  old_logp: jax.Array
+  ref_logp: jax.Array
+  values: jax.Array
+  mask: jax.Array
+  scores: jax.Array              # [B] the (normalised, penalised) scores
+  beta: float                    # the KL coefficient now (the controller's)
+  cfg: "RolloutConfig"
+
+
+@dataclasses.dataclass
+class Advantages:
+  """An estimator's output: advantages and value targets [B, T], the mask to train on (an
+  estimator may drop rows, e.g. groups whose scores are all equal), the per-token KL [B, T] that
+  rl/kl reports, and rl/* metrics of its own."""
+  advantages: jax.Array
+  returns: jax.Array
+  mask: jax.Array
+  kl: jax.Array
+  metrics: dict
+
+
+def gae_with_kl_reward(s: Scored) -> Advantages:
+  """PPO's estimator: InstructGPT rewards (−β·KL per token, the score at the last token), GAE
+  over the critic's values."""
+  c = s.cfg
+  adv, returns, kl = ppo_advantages(
+      s.old_logp, s.ref_logp, s.values, s.mask, s.scores, jnp.float32(s.beta),
+      estimator=c.kl_estimator, gamma=c.gamma, lam=c.lam, whiten_rewards=c.whiten_rewards,
+      whiten_advantages=c.whiten_advantages, unbiased=c.whiten_unbiased)
+  return Advantages(adv, returns, s.mask, kl, {
+      "rl/explained_variance": float(adv_lib.explained_variance(s.values, returns, s.mask)),
+      "rl/value_mean": float(jnp.sum(s.values) / jnp.maximum(s.mask.sum(), 1.0))})
+
+
+def group_normalised(s: Scored) -> Advantages:
+  """GRPO's estimator: each score against its group (`rl.scale_rewards`: over the group's std,
+  or the whole batch's, as TRL's scale_rewards='batch'), one advantage per sequence on all its
+  tokens; groups whose scores are all equal can be dropped (`rl.filter_zero_spread`). The KL is
+  the loss's business (kl='loss'), so it is only measured here."""
+  c = s.cfg
+  seq_adv, spread = adv_lib.group_advantages(
+      s.scores, group_size=c.group_size, scale_by_std=c.scale_by_std, eps=c.group_eps,
+      std_scope=c.scale_rewards)
+  keep = spread if c.filter_zero_spread else jnp.ones_like(spread)
+  mask = s.mask * keep[:, None].astype(jnp.float32)
+  adv = seq_adv[:, None] * mask
+  kl = kl_lib.kl_estimate(s.old_logp, s.ref_logp, estimator=c.kl_estimator) * s.mask
+  return Advantages(adv, jnp.zeros_like(adv), mask, kl, {
+      "rl/filtered_fraction": float(1.0 - jnp.mean(keep.astype(jnp.float32)))})
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  algorithm: str = "ppo"               # ppo | grpo
+  objective: object = None             # the gptjax.objectives.Objective being trained
   prompts_per_iteration: int = 8
   group_size: int = 1                  # G samples per prompt (GRPO); PPO usually 1
   max_new_tokens: int = 32
@@ -253,15 +312,20 @@ class RolloutConfig:
   lam: float = 0.95
   whiten_advantages: bool = True
   whiten_rewards: bool = False
+  # Whitening divides by the biased std (the 1/n variance); True uses 1/(n − 1), as TRL's
+  # masked_whiten does. At a rollout batch of hundreds of tokens the two differ by < 1%.
+  whiten_unbiased: bool = False
   missing_eos_penalty: float = 0.0     # subtracted from the score of a completion with no stop
   normalize_scores: bool = False       # RM scores: (s − μ) / σ with μ, σ from the first iteration
-  scale_by_std: bool = True            # GRPO: divide by the group's std (Dr. GRPO: False)
+  scale_by_std: bool = True            # GRPO: divide by a std (Dr. GRPO: False)
+  scale_rewards: str = "group"         # GRPO: that std is the group's, or the 'batch''s (TRL)
   group_eps: float = 1e-4
   filter_zero_spread: bool = True      # GRPO: drop groups whose scores are all equal
   # Where π_old comes from: 'recompute' (a plain forward, bitwise the loss's path), 'sampler' (the
   # sampler's log-probs: same function and temperature through the KV cache, equal to ~1e-6),
-  # or 'auto': the sampler's when GRPO takes one update per iteration (the ratio is then 1 by
-  # construction, so the extra forward buys nothing), else recompute.
+  # or 'auto': the sampler's when the objective allows it (`sampler_old_logp`, e.g. GRPO) and
+  # takes one update per iteration (the ratio is then 1 by construction, so the extra forward
+  # buys nothing), else recompute.
   old_logp: str = "auto"
   seed: int = 0
   # 0: the static sampler (sampling.generate). N > 0: the continuous-batching engine with N slots
@@ -270,9 +334,13 @@ class RolloutConfig:
   engine_slots: int = 0
 
   @property
+  def needs(self) -> frozenset:
+    return self.objective.needs
+
+  @property
   def recompute_old_logp(self) -> bool:
     if self.old_logp == "auto":
-      return not (self.algorithm == "grpo" and self.steps_per_iteration == 1)
+      return not (self.objective.sampler_old_logp and self.steps_per_iteration == 1)
     return self.old_logp == "recompute"
 
   @property
@@ -286,27 +354,30 @@ class RolloutConfig:
   def validate(self):
     def bad(field, msg):
       raise ValueError(f"rl.{field}: {msg}")
-    if self.algorithm not in ("ppo", "grpo"):
-      bad("algorithm", f"expected ppo or grpo, got {self.algorithm!r}")
+    name = self.objective.name
+    if not self.objective.online:
+      bad("objective", f"{name!r} is not an online objective")
     if self.rollout_batch % self.minibatch_size:
       bad("minibatch_size", f"train.batch_size={self.minibatch_size} does not divide the rollout "
           f"batch of {self.rollout_batch} (prompts_per_iteration × group_size)")
-    if self.algorithm == "grpo" and self.group_size < 2:
-      bad("group_size", f"GRPO needs at least 2 samples per prompt, got {self.group_size}")
+    if "group" in self.needs and self.group_size < 2:
+      bad("group_size", f"{name} needs at least 2 samples per prompt, got {self.group_size}")
     if self.epochs < 1:
       bad("epochs", f"must be >= 1, got {self.epochs}")
     if self.temperature <= 0:
-      bad("temperature", "must be > 0: PPO/GRPO need the sampler's log-probs (greedy has none)")
+      bad("temperature", f"must be > 0: {name} needs the sampler's log-probs (greedy has none)")
     if self.old_logp not in ("auto", "recompute", "sampler"):
       bad("old_logp", f"expected auto, recompute or sampler, got {self.old_logp!r}")
-    if self.algorithm == "ppo" and self.old_logp == "sampler":
-      bad("old_logp", "PPO's values need the policy forward anyway; use recompute")
+    if "critic" in self.needs and self.old_logp == "sampler":
+      bad("old_logp", f"{name}'s values need the policy forward anyway; use recompute")
     if self.engine_slots < 0:
       bad("engine_slots", f"must be >= 0 (0 = the static sampler), got {self.engine_slots}")
     if self.engine_slots and jax.process_count() > 1:
       bad("engine_slots", "the continuous-batching engine runs on one process; set it to 0")
     if self.kl_estimator not in kl_lib.ESTIMATORS:
       bad("kl_estimator", f"expected one of {kl_lib.ESTIMATORS}, got {self.kl_estimator!r}")
+    if self.scale_rewards not in adv_lib.STD_SCOPES:
+      bad("scale_rewards", f"expected one of {adv_lib.STD_SCOPES}, got {self.scale_rewards!r}")
 
 
 @jax.jit
@@ -315,7 +386,7 @@ def _take(buffer, idx):
 
 
 class RolloutSource:
-  """The trainer batch source for PPO and GRPO (see the module docstring)."""
+  """The trainer batch source for every online objective (see the module docstring)."""
 
   def __init__(self, *, model, ref_params, ref_model=None, prompts: np.ndarray, prompt_lengths: np.ndarray,
                prompt_texts: Sequence[str], tokenizer, scorer, cfg: RolloutConfig, controller,
@@ -449,33 +520,17 @@ class RolloutSource:
         self.score_stats = (float(scores.mean()), float(scores.std() + 1e-6))
       scores = (scores - self.score_stats[0]) / self.score_stats[1]
 
-    with_values = c.algorithm == "ppo"
     old_logp, ref_logp, values = score_tokens(
         self.model, params, self.ref_model, self.ref_params, layout,
-        temperature=c.temperature, with_values=with_values, with_policy=c.recompute_old_logp)
+        temperature=c.temperature, with_values="critic" in c.needs,
+        with_policy=c.recompute_old_logp)
     if not c.recompute_old_logp:
       old_logp = sampler_logprobs(out)
-    mask = layout["completion_mask"]
     beta = self.controller.beta
-    scores_j = jnp.asarray(scores, jnp.float32)
-    metrics = {}
-    if c.algorithm == "ppo":
-      adv, returns, kl = ppo_advantages(
-          old_logp, ref_logp, values, mask, scores_j, jnp.float32(beta),
-          estimator=c.kl_estimator, gamma=c.gamma, lam=c.lam, whiten_rewards=c.whiten_rewards,
-          whiten_advantages=c.whiten_advantages)
-      metrics["rl/explained_variance"] = float(adv_lib.explained_variance(values, returns, mask))
-      metrics["rl/value_mean"] = float(jnp.sum(values) / jnp.maximum(mask.sum(), 1.0))
-    else:
-      seq_adv, spread = adv_lib.group_advantages(scores_j, group_size=c.group_size,
-                                                 scale_by_std=c.scale_by_std, eps=c.group_eps)
-      keep = spread if c.filter_zero_spread else jnp.ones_like(spread)
-      mask = mask * keep[:, None].astype(jnp.float32)
-      adv = seq_adv[:, None] * mask
-      returns = jnp.zeros_like(adv)
-      kl = kl_lib.kl_estimate(old_logp, ref_logp, estimator=c.kl_estimator) * layout[
-          "completion_mask"]
-      metrics["rl/filtered_fraction"] = float(1.0 - jnp.mean(keep.astype(jnp.float32)))
+    est = c.objective.advantages(Scored(
+        old_logp=old_logp, ref_logp=ref_logp, values=values, mask=layout["completion_mask"],
+        scores=jnp.asarray(scores, jnp.float32), beta=beta, cfg=c))
+    adv, returns, mask, kl, metrics = est.advantages, est.returns, est.mask, est.kl, est.metrics
     batch = batches_lib.RolloutBatch(
         inputs=layout["inputs"], targets=layout["targets"], positions=layout["positions"],
         segment_ids=layout["segment_ids"], completion_mask=mask, old_logp=old_logp,

@@ -74,8 +74,9 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   init_from = None
   if cfg.train.init_from:
     init_from = lambda fresh: ckpt_lib.init_from_workdir(cfg.train.init_from, fresh)
-  return trainer.train(
-      cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
+  return trainer.train(cfg, trainer.Job(
+      model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
       init_params=common.init_params_fn(env.model), init_from=init_from, evaluate=evaluate,
       sample=sample, tokens_per_step=gb * seq,
-      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq), progress=progress)
+      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq)),
+      workdir=workdir, progress=progress)

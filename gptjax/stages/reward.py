@@ -199,11 +199,12 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
 
   init_from = common.previous_params(cfg)
   k = train_counts["replies_per_prompt"]
-  result = trainer.train(
-      cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
+  result = trainer.train(cfg, trainer.Job(
+      model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
       init_params=common.init_params_fn(env.model), init_from=init_from, evaluate=evaluate,
       tokens_per_step=gb * k * seq,
-      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq, lm_head=False), progress=progress)
+      flops_per_token=model_lib.flops_per_token(env.model_cfg, seq, lm_head=False)),
+      workdir=workdir, progress=progress)
   if result.interrupted:
     return result
 

@@ -1,5 +1,6 @@
-"""Stage 4: RL from feedback with PPO or GRPO (cfg.stage in 'rl', 'ppo', 'grpo'; the loss name picks
-the algorithm). The held-out evaluation every aligned policy gets is `evaluation.evaluate_policy`.
+"""Stage 4: RL from feedback with any online objective (PPO, GRPO, RLOO, REINFORCE++, GSPO, or one
+you register; `loss.name` picks it, and its `Objective` says what to build: a critic, groups of
+samples, where the KL goes). The held-out evaluation every aligned policy gets is `evaluation.evaluate_policy`.
 
     gptjax train --config experiments/rl.py:ppo_tiny --workdir runs/ppo \
         --config.train.init_from=runs/sft --config.rl.reward_workdir=runs/reward
@@ -26,15 +27,13 @@ from gptjax import lora
 from gptjax import sampling
 from gptjax import trainer
 from gptjax import evaluation
+from gptjax import objectives
 from gptjax import reward_model
 from gptjax.data import chat, dialogue
 from gptjax.model import GPT
 from gptjax.rl import kl as kl_lib
 from gptjax.rl import rollout as rollout_lib
 from gptjax.stages import common
-
-ALGORITHMS = ("ppo", "grpo")
-
 
 # --------------------------------------------------------------------------------------------
 # Models, reference and reward
@@ -91,46 +90,57 @@ def make_scorer(cfg):
 def rollout_config(cfg) -> rollout_lib.RolloutConfig:
   r = cfg.rl
   return rollout_lib.RolloutConfig(
-      algorithm=cfg.loss.name, prompts_per_iteration=r.prompts_per_iteration,
+      objective=objectives.for_stage(cfg), prompts_per_iteration=r.prompts_per_iteration,
       group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
       epochs=r.epochs, minibatch_size=cfg.train.batch_size, kl_estimator=r.kl_estimator,
       gamma=r.gamma, lam=r.lam, whiten_advantages=r.whiten_advantages,
-      whiten_rewards=r.whiten_rewards, missing_eos_penalty=r.missing_eos_penalty,
-      normalize_scores=r.normalize_scores, scale_by_std=r.scale_by_std, group_eps=r.group_eps,
-      filter_zero_spread=r.filter_zero_spread, old_logp=r.old_logp, seed=cfg.seed,
-      engine_slots=r.get("engine_slots", 0))
+      whiten_rewards=r.whiten_rewards, whiten_unbiased=r.get("whiten_unbiased", False),
+      missing_eos_penalty=r.missing_eos_penalty, normalize_scores=r.normalize_scores,
+      scale_by_std=r.scale_by_std, scale_rewards=r.get("scale_rewards", "group"),
+      group_eps=r.group_eps, filter_zero_spread=r.filter_zero_spread, old_logp=r.old_logp,
+      seed=cfg.seed, engine_slots=r.get("engine_slots", 0))
+
+
+# The loss hyperparameters an objective may share with the rollouts, and the rl field each is
+# read from, so the sampler and the loss can never disagree.
+SHARED_FIELDS = {"temperature": "temperature", "kl_coef": "kl_coef", "max_len": "max_new_tokens"}
 
 
 def bind_policy_loss(cfg):
-  """The registered loss with its config fields, plus the fields the loss must share with the
-  rollouts (temperature; GRPO's β and length normaliser), taken from `rl` so they cannot differ."""
+  """The registered loss with its config fields, plus the fields the objective shares with the
+  rollouts (`Objective.shared`: the temperature; GRPO's β and length normaliser), from `rl`."""
+  objective = objectives.for_stage(cfg)
   kw = config_lib.loss_kwargs(cfg)
-  for shared in ("temperature", "kl_coef", "max_len"):
-    if shared in kw:
-      raise config_lib.ConfigError(f"loss.{shared}: set it under rl (rl.temperature, "
-                                   "rl.kl_coef, rl.max_new_tokens); the loss reads it from there")
-  shared = {"temperature": cfg.rl.temperature}
-  if cfg.loss.name == "grpo":
-    shared.update(kl_coef=cfg.rl.kl_coef, max_len=cfg.rl.max_new_tokens)
+  for name in objective.shared:
+    if name in kw:
+      raise config_lib.ConfigError(
+          f"loss.{name}: set it as rl.{SHARED_FIELDS[name]}; the {objective.name} loss reads it "
+          "from there")
+  shared = {name: cfg.rl[SHARED_FIELDS[name]] for name in objective.shared}
   # common.bind_loss checks the loss.* fields by name and runs the loss's registered check.
   return functools.partial(common.bind_loss(cfg), **shared)
 
 
 def validate(cfg) -> None:
-  if cfg.loss.name not in ALGORITHMS:
-    raise config_lib.ConfigError(f"loss.name: RL stages train 'ppo' or 'grpo', got "
-                                 f"{cfg.loss.name!r}")
-  if cfg.stage in ALGORITHMS and cfg.stage != cfg.loss.name:
+  objective = objectives.for_stage(cfg)
+  if not objective.online:
+    raise config_lib.ConfigError(
+        f"loss.name: the RL stage trains an online objective "
+        f"({', '.join(o.name for o in objectives.registered() if o.online)}), got "
+        f"{cfg.loss.name!r}")
+  if cfg.stage in objectives.names() and cfg.stage != cfg.loss.name:
     raise config_lib.ConfigError(f"stage {cfg.stage!r} does not match loss.name "
                                  f"{cfg.loss.name!r}")
   common.check_no_dropout(cfg)
   vm = cfg.rl.value_model
   if vm not in ("head", "critic", "none"):
     raise config_lib.ConfigError(f"rl.value_model: expected head, critic or none, got {vm!r}")
-  if cfg.loss.name == "ppo" and vm == "none":
-    raise config_lib.ConfigError("rl.value_model: PPO needs a value model (head or critic)")
-  if cfg.loss.name == "grpo" and cfg.rl.kl_adaptive:
-    raise config_lib.ConfigError("rl.kl_adaptive: GRPO's β is a fixed loss coefficient")
+  if "critic" in objective.needs and vm == "none":
+    raise config_lib.ConfigError(f"rl.value_model: {objective.name} needs a value model (head "
+                                 "or critic)")
+  if objective.kl == "loss" and cfg.rl.kl_adaptive:
+    raise config_lib.ConfigError(f"rl.kl_adaptive: {objective.name}'s β is a fixed loss "
+                                 "coefficient")
   if cfg.rl.prompt_len + cfg.rl.max_new_tokens > cfg.model.max_len:
     raise config_lib.ConfigError(
         f"rl.prompt_len + rl.max_new_tokens = {cfg.rl.prompt_len + cfg.rl.max_new_tokens} "
@@ -161,10 +171,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
 
   prompts, lengths, texts = dialogue.encode_prompts(train_msgs, tok, cfg.rl.prompt_len)
   rcfg = rollout_config(cfg)
-  controller = kl_lib.make_controller(beta=cfg.rl.kl_coef, adaptive=cfg.rl.kl_adaptive,
-                                      target=cfg.rl.kl_target, horizon=cfg.rl.kl_horizon)
-  if cfg.loss.name == "grpo":
-    # β lives in the GRPO loss; the controller only reports it (rl/beta, rl/rlhf_reward).
+  if rcfg.objective.kl == "reward":
+    controller = kl_lib.make_controller(beta=cfg.rl.kl_coef, adaptive=cfg.rl.kl_adaptive,
+                                        target=cfg.rl.kl_target, horizon=cfg.rl.kl_horizon)
+  else:
+    # β lives in the loss (or nowhere); the controller only reports it (rl/beta, rl/rlhf_reward).
     controller = kl_lib.make_controller(beta=cfg.rl.kl_coef)
   gold = rollout_lib.make_reward_fn("gold") if cfg.rl.log_gold else None
   source = rollout_lib.RolloutSource(
@@ -183,12 +194,12 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
         pad_id=tok.pad_id, eos_ids=chat.reply_stop_ids(tok))
     return "\n---\n".join(f"{m[-1]['content']} => {tok.decode(o)}" for m, o in zip(msgs, replies))
 
-  res = trainer.train(
-      cfg, workdir=workdir, model=model, loss_fn=bind_policy_loss(cfg), source=source,
-      mesh=env.mesh, init_params=init_params, init_from=init_from, sample=sample,
+  res = trainer.train(cfg, trainer.Job(
+      model=model, loss_fn=bind_policy_loss(cfg), source=source, mesh=env.mesh,
+      init_params=init_params, init_from=init_from, sample=sample,
       tokens_per_step=cfg.train.batch_size * (cfg.rl.prompt_len + cfg.rl.max_new_tokens - 1),
-      steps=steps, progress=progress,
-      base_params=ref_full if lora.spec_from_config(cfg) is not None else None)
+      steps=steps, base_params=ref_full if lora.spec_from_config(cfg) is not None else None),
+      workdir=workdir, progress=progress)
   res.timings["rollout_s"] = source.timings["rollout_s"]
   if cfg.rl.eval_prompts and not res.interrupted:
     # Every process runs the evaluation (its jitted programs span all of them); only process 0

@@ -151,11 +151,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
             "eval/tokens": ev["sft/tokens"]}
 
   init_from = common.previous_params(cfg)
-  result = trainer.train(
-      cfg, workdir=workdir, model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
+  result = trainer.train(cfg, trainer.Job(
+      model=env.model, loss_fn=loss_fn, source=source, mesh=env.mesh,
       init_params=common.init_params_fn(env.model), init_from=init_from, evaluate=evaluate,
-      tokens_per_step=gb * seq, flops_per_token=model_lib.flops_per_token(env.model_cfg, seq),
-      progress=progress)
+      tokens_per_step=gb * seq, flops_per_token=model_lib.flops_per_token(env.model_cfg, seq)),
+      workdir=workdir, progress=progress)
   loader.close()
   if result.interrupted:
     return result
