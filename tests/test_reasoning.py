@@ -152,12 +152,9 @@ def test_sampling_budget_and_greedy_checks():
 
 def _task_cfg(**kw):
   import ml_collections
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "arith_exp", os.path.join(REPO, "experiments", "arithmetic_reasoning.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.task_data("micro")
+  from gptjax import config as config_lib
+  cfg = config_lib.load(os.path.join(REPO, "experiments", "arithmetic_reasoning.py") + ":micro")
+  c = ml_collections.ConfigDict(cfg.task_data.to_dict())
   c.update(kw)
   return c
 
