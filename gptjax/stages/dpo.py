@@ -47,12 +47,14 @@ def encode_pairs(records, tok, seq_len: int) -> dict:
 
 
 def _strings(obj):
-  """Every string inside records (prompts, replies, labels' text): a 'char' vocabulary's text."""
+  """Every text inside records (messages' contents, replies): a 'char' vocabulary's text. Role
+  names are template markers, not text, so they add no characters."""
   if isinstance(obj, str):
     yield obj
   elif isinstance(obj, dict):
-    for v in obj.values():
-      yield from _strings(v)
+    for k, v in obj.items():
+      if k != "role":
+        yield from _strings(v)
   elif isinstance(obj, (list, tuple)):
     for v in obj:
       yield from _strings(v)
