@@ -94,6 +94,19 @@ def test_rebuilds_when_file_changes(tmp_path, data_dir):
   assert len(open_source(f"text_files:{p}", data_dir=data_dir)) == 2
 
 
+def test_record_order_does_not_depend_on_where_the_file_lies(tmp_path, data_dir):
+  # A run directory moved or copied elsewhere must give the same batches (a DPO stage reads its
+  # pairs from its own run directory).
+  rows = [{"prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(40)]
+  orders = []
+  for where in ("a", "b/deeper"):
+    (tmp_path / where).mkdir(parents=True)
+    src = open_source("preference_jsonl:" + _jsonl(tmp_path / where / "pairs.jsonl", rows),
+                      data_dir=data_dir)
+    orders.append([r["chosen"] for r in src])
+  assert orders[0] == orders[1] and sorted(orders[0]) == sorted(r["chosen"] for r in rows)
+
+
 BAD = [
     ("chat_jsonl", ['{"messages": [{"role": "user", "content": "x"}]}', "{not json"],
      2, r"field '<line>' is not valid JSON"),

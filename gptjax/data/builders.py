@@ -129,11 +129,14 @@ class _UserFiles(_LocalBuilder):
     # the build before anything is written and each split's size is known up front.
     splits = {"train": [], "validation": []}
     read = records.READERS[self.KIND]
-    for path in self.paths:
+    for index, path in enumerate(self.paths):
       for key, record in read(path):
         local_key = f"{os.path.basename(key)}"
         split = "validation" if _in_validation(local_key, self.val_fraction) else "train"
-        splits[split].append((key, self._encode(record)))
+        # TFDS orders a split's examples by a hash of their keys. A key holding the file's full
+        # path made the order (so a DPO run's batches) depend on where the run directory lies;
+        # the file's position in the list keeps keys unique without naming a location.
+        splits[split].append((f"{index}/{local_key}", self._encode(record)))
     if not splits["train"]:
       raise DataError(f"{self.KIND}: split 'train' is empty: {len(self.paths)} file(s) "
                       f"({', '.join(self.paths[:3])}{', ...' if len(self.paths) > 3 else ''}) "
