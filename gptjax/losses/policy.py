@@ -132,6 +132,19 @@ def grpo_objective(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: 
   return loss, metrics
 
 
+def critic_free_clipped(params, batch, *, model, temperature: float, clip_eps: float):
+  """Token mean of the clipped surrogate over advantages computed outside the step, no value
+  loss: the shared body of the REINFORCE-family objectives (RLOO, REINFORCE++), which differ only
+  in how their advantages are estimated."""
+  mask = batch.completion_mask.astype(jnp.float32)
+  logp, ent, _ = policy_forward(model, params, batch, temperature=temperature)
+  pg, metrics = clipped_surrogate(logp, batch.old_logp, batch.advantages, mask,
+                                  clip_eps_low=clip_eps, clip_eps_high=clip_eps)
+  loss = common.masked_mean(pg, mask)
+  metrics.update({"rl/policy_loss": loss, "rl/entropy": common.masked_mean(ent, mask)})
+  return loss, metrics
+
+
 @register("ppo")
 def ppo(params, batch, *, frozen=None, rng=None, model, temperature: float = 1.0,
         clip_eps: float = 0.2, value_clip_eps: float = 0.2, vf_coef: float = 0.1,

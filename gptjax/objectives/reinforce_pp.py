@@ -46,13 +46,8 @@ def reinforce_pp(params, batch, *, frozen=None, rng=None, model, temperature: fl
                  clip_eps: float = 0.2):
   """Token mean of the clipped surrogate over the batch-normalised returns."""
   del frozen, rng
-  mask = batch.completion_mask.astype(jnp.float32)
-  logp, ent, _ = policy.policy_forward(model, params, batch, temperature=temperature)
-  pg, metrics = policy.clipped_surrogate(logp, batch.old_logp, batch.advantages, mask,
-                                         clip_eps_low=clip_eps, clip_eps_high=clip_eps)
-  loss = common.masked_mean(pg, mask)
-  metrics.update({"rl/policy_loss": loss, "rl/entropy": common.masked_mean(ent, mask)})
-  return loss, metrics
+  return policy.critic_free_clipped(params, batch, model=model, temperature=temperature,
+                                    clip_eps=clip_eps)
 
 
 register(Objective(

@@ -14,7 +14,6 @@ tokens, so several epochs over one rollout batch stay close to π_old.
 import jax.numpy as jnp
 
 from gptjax import batches
-from gptjax.losses import common
 from gptjax.losses import policy
 from gptjax.objectives import Objective, register
 from gptjax.rl import kl as kl_lib
@@ -43,13 +42,8 @@ def rloo(params, batch, *, frozen=None, rng=None, model, temperature: float = 1.
          clip_eps: float = 0.2):
   """Token mean of the clipped surrogate over the leave-one-out advantages in the batch."""
   del frozen, rng
-  mask = batch.completion_mask.astype(jnp.float32)
-  logp, ent, _ = policy.policy_forward(model, params, batch, temperature=temperature)
-  pg, metrics = policy.clipped_surrogate(logp, batch.old_logp, batch.advantages, mask,
-                                         clip_eps_low=clip_eps, clip_eps_high=clip_eps)
-  loss = common.masked_mean(pg, mask)
-  metrics.update({"rl/policy_loss": loss, "rl/entropy": common.masked_mean(ent, mask)})
-  return loss, metrics
+  return policy.critic_free_clipped(params, batch, model=model, temperature=temperature,
+                                    clip_eps=clip_eps)
 
 
 register(Objective(
