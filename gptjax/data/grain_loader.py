@@ -43,8 +43,7 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from gptjax.data import packing
-from gptjax.data.errors import DataError
-from gptjax.data.loader import _process_defaults, shard_indices
+from gptjax.data.loader import process_share, shard_indices
 
 SHUFFLES = ("ours", "grain", "none")
 
@@ -122,15 +121,11 @@ class GrainStreamLoader:
                read_threads: int = 0, name: str = "data"):
     if shuffle not in SHUFFLES:
       raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-    self.process_index, self.process_count = _process_defaults(process_index, process_count)
-    if global_batch % self.process_count:
-      raise ValueError(f"global_batch={global_batch} is not divisible by "
-                       f"process_count={self.process_count}")
-    if len(documents) < self.process_count:
-      raise DataError(f"{name}: {len(documents)} documents cannot be shared among "
-                      f"{self.process_count} processes")
+    self.process_index, self.process_count, self.batch_size = process_share(
+        documents, global_batch=global_batch, process_index=process_index,
+        process_count=process_count, name=name)
     del pad_id  # the stream is endless, so every row is full: there is never padding
-    self.seq_len, self.batch_size = seq_len, global_batch // self.process_count
+    self.seq_len = seq_len
     self.worker_count, self.name = worker_count, name
     if shuffle == "grain":
       ds = (grain.MapDataset.source(documents).shuffle(seed=seed).repeat()
@@ -286,14 +281,10 @@ class GrainPackedLoader(GrainStreamLoader):
       raise ValueError(f"mode must be one of {packing.PACKING_METHODS}, got {mode!r}")
     if overlong not in packing.OVERLONG_POLICIES:
       raise ValueError(f"overlong must be one of {packing.OVERLONG_POLICIES}, got {overlong!r}")
-    self.process_index, self.process_count = _process_defaults(process_index, process_count)
-    if global_batch % self.process_count:
-      raise ValueError(f"global_batch={global_batch} is not divisible by "
-                       f"process_count={self.process_count}")
-    if len(documents) < self.process_count:
-      raise DataError(f"{name}: {len(documents)} documents cannot be shared among "
-                      f"{self.process_count} processes")
-    self.seq_len, self.batch_size = seq_len, global_batch // self.process_count
+    self.process_index, self.process_count, self.batch_size = process_share(
+        documents, global_batch=global_batch, process_index=process_index,
+        process_count=process_count, name=name)
+    self.seq_len = seq_len
     self.worker_count, self.name = worker_count, name
     self.pack_stats = packing.PackStats()
     ds = _ShardEpochs(documents, seed=seed, shuffle=shuffle, process_index=self.process_index,

@@ -43,6 +43,19 @@ def _process_defaults(process_index, process_count):
   return process_index, process_count
 
 
+def process_share(documents, *, global_batch: int, process_index, process_count, name: str):
+  """(process index, process count, rows per process batch), after checking that the batch and
+  the documents can be shared among the processes. Both loaders split work this way."""
+  process_index, process_count = _process_defaults(process_index, process_count)
+  if global_batch % process_count:
+    raise ValueError(f"global_batch={global_batch} is not divisible by "
+                     f"process_count={process_count}")
+  if len(documents) < process_count:
+    raise DataError(f"{name}: {len(documents)} documents cannot be shared among "
+                    f"{process_count} processes")
+  return process_index, process_count, global_batch // process_count
+
+
 def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
   """The global visiting order of epoch `epoch`: a pure function of (seed, epoch)."""
   if not shuffle:
@@ -77,15 +90,11 @@ class PackedLoader:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if overlong not in packing.OVERLONG_POLICIES:
       raise ValueError(f"overlong must be one of {packing.OVERLONG_POLICIES}, got {overlong!r}")
-    self.process_index, self.process_count = _process_defaults(process_index, process_count)
-    if global_batch % self.process_count:
-      raise ValueError(f"global_batch={global_batch} is not divisible by "
-                       f"process_count={self.process_count}")
-    if len(documents) < self.process_count:
-      raise DataError(f"{name}: {len(documents)} documents cannot be shared among "
-                      f"{self.process_count} processes")
+    self.process_index, self.process_count, self.batch_size = process_share(
+        documents, global_batch=global_batch, process_index=process_index,
+        process_count=process_count, name=name)
     self.documents, self.name = documents, name
-    self.seq_len, self.batch_size = seq_len, global_batch // self.process_count
+    self.seq_len = seq_len
     self.seed, self.pad_id, self.mode, self.overlong = seed, pad_id, mode, overlong
     self.num_bins = num_bins or self.batch_size
     self.shuffle, self.num_epochs, self.prefetch = shuffle, num_epochs, prefetch
