@@ -140,7 +140,8 @@ def test_gsm8k_reader_reads_the_published_format(tmp_path):
     ('{"question": "q", "answer": "#### three"}', r"bad\.jsonl:2: field 'answer' ends with"),
     ('{"question": "q", "answer": "#### 2.5"}', r"bad\.jsonl:2: field 'answer' ends with"),
     ('{"question": "q", "answer": "#### 3 apples"}', r"bad\.jsonl:2: field 'answer' ends with"),
-    ('{"question": "q"', r"bad\.jsonl:2: field '<line>' is not valid JSON"),
+    ('{"question": "q"', r"bad\.jsonl:2: field '<line>' ends before its JSON object does"),
+    ('{"question": q}', r"bad\.jsonl:2: field '<line>' is not valid JSON"),
 ])
 def test_gsm8k_reader_names_file_line_and_field(tmp_path, line, message):
   path = _write(tmp_path / "bad.jsonl", ['{"question": "ok", "answer": "#### 1"}', line])
