@@ -158,8 +158,10 @@ def test_lora_rl_micro_run(tmp_path, preset):
   its = _iterations(tmp_path)
   assert len(its) == 2
   # Iteration 0: the policy is the base (B = 0) and the reference is the base with the adapters
-  # off, so the KL is exactly zero; afterwards the adapters have moved the policy.
-  assert its[0]["rl/kl"] == 0.0 and its[-1]["rl/kl"] > 0.0
+  # off, so the KL is exactly zero; afterwards the adapters have moved the policy. PPO's rl/kl is
+  # the k1 estimate (log π − log π_ref summed over sampled tokens), whose sample mean of a small
+  # true KL can have either sign, so the check is that it is no longer zero.
+  assert its[0]["rl/kl"] == 0.0 and its[-1]["rl/kl"] != 0.0
   # The checkpoint holds adapters (+ the value head for PPO) and their optimizer state only.
   model = rl_stage.build_model(cfg)
   full = _init(model)
