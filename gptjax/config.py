@@ -119,6 +119,18 @@ def _declared_loss_field(node, parts, i) -> bool:
   return True
 
 
+def _keep_declared_loss_fields(node, name: str) -> None:
+  """A preset's loss.* fields belong to the preset's loss. When `loss.name` names another one,
+  the fields it does not declare are dropped, so a new loss need not accept its predecessor's
+  hyperparameters; one given on the command line after this is still checked against the new
+  loss's declaration (name overrides are applied first)."""
+  from gptjax import objectives
+  declared = objectives.hyperparameters(name)
+  with node.unlocked():
+    for field in [f for f in node.keys() if f != "name" and f not in declared]:
+      del node[field]
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
   items = [o[len("--config."):] if o.startswith("--config.") else o for o in overrides]
   # A loss's name first: its declared hyperparameters decide which loss.* fields exist.
@@ -133,6 +145,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
           _declared_loss_field(node, parts, i):
         pass
       elif not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        if i == len(parts) - 1 and i and parts[i - 1] == "loss" and "name" in node:
+          from gptjax import objectives
+          takes = ", ".join(objectives.hyperparameters(node.name)) or "none"
+          raise ConfigError(f"{key}: loss {node.name!r} takes no hyperparameter {part!r}; it "
+                            f"takes {takes}")
         known = list(_all_fields(cfg))
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -141,6 +158,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
         node = node[part]
     old = node[parts[-1]]
     value = _parse_value(text, old, key)
+    if parts[-1] == "name" and len(parts) >= 2 and parts[-2] == "loss" and value != old:
+      _keep_declared_loss_fields(node, value)
     with node.unlocked():
       node[parts[-1]] = value
 

@@ -48,7 +48,7 @@ def test_one_file_objective_example_trains_from_the_command_line(tmp_path):
 def test_a_loss_hyperparameter_the_loss_does_not_take_is_a_config_error(tmp_path):
   cmd = [sys.executable, "-m", "gptjax.main", "train", "--config",
          os.path.join(REPO, "experiments", "shakespeare_char.py") + ":micro", "--workdir",
-         str(tmp_path / "run"), "--config.loss.name=dpo"]
+         str(tmp_path / "run"), "--config.loss.name=dpo", "--config.loss.z_loss=0.1"]
   proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 2
