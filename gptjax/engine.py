@@ -65,11 +65,12 @@ class EngineControls:
 
 def _draw(keys, logits, c: EngineControls):
   """One token per row [B] from raw logits [B,V] with per-row keys [B]."""
+  # The sampler's own logit chain, so both draw from the same distribution.
+  logits = sampling.process_logits(logits, temperature=c.temperature, top_k=c.top_k,
+                                   top_p=c.top_p, min_p=c.min_p)
   if c.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = sampling.filter_logits(logits / c.temperature, top_k=c.top_k, top_p=c.top_p,
-                                    min_p=c.min_p)
-  return jax.vmap(sampling.sample_categorical)(keys, filtered)
+  return jax.vmap(sampling.sample_categorical)(keys, logits)
 
 
 def _record(rows: dict, logits, rng, eos_ids, c: EngineControls) -> dict:
