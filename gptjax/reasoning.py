@@ -15,7 +15,9 @@ task's files by configuration. What lives here:
 
 The table is a list of rows {method, budget, per_band: {band: {acc, lo, hi, n}}, overall}; a new
 method (tools, constrained decoding, search, retrieval) is one more row made by `table_row` from
-its per-problem scores, and the report card (`reasoning_report.py`) shows every row it finds.
+its per-problem scores, and the report card (`reasoning_report.py`) shows every row it finds. A
+method measured by a pipeline stage of its own adds its rows with `add_rows`, so adding that stage
+to a finished run adds the rows and leaves every other row as it was.
 Validation problems come from the training split (never the held-out one), so presets can be
 chosen on them without touching the held-out set.
 """
@@ -417,9 +419,53 @@ def evaluate(cfg, run_dir: str) -> dict:
          "train_bands": list(cfg.task_data.train_bands), "samples": n,
          "temperature": e.temperature, "rows": rows, "curves": curves, "traces": traces,
          "timings": timings}
+  # Rows that later stages added (`add_rows`) survive this stage being run again: those stages
+  # are complete and will not run again to put them back.
+  path = _dir(run_dir, RESULTS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for row in old.get("rows", []):
+      if row.get("stage"):
+        out["rows"].append(row)
+        if row["method"] in old.get("traces", {}):
+          out["traces"][row["method"]] = old["traces"][row["method"]]
+    for key, value in old.get("timings", {}).items():
+      out["timings"].setdefault(key, value)
   if jax.process_index() == 0:
-    _write_json(_dir(run_dir, RESULTS_FILE), out)
+    _write_json(path, out)
   return out
+
+
+def add_rows(run_dir: str, stage: str, rows: list[dict], *, traces: dict | None = None,
+             timings: dict | None = None) -> dict:
+  """Adds the rows of a method measured by a stage of its own (tree search, tools, retrieval,
+  ...) to `<run>/reason_eval.json`, so a finished run gains them by running that stage alone
+  and the report card shows them with the rest. Rows already there from other stages are kept
+  as they are; this stage's earlier rows are replaced. Each row is marked with `stage`.
+  Returns the updated results."""
+  path = _dir(run_dir, RESULTS_FILE)
+  if not os.path.exists(path):
+    from gptjax.config import ConfigError
+    raise ConfigError(f"pipeline.stages: stage {stage!r} adds rows to {path}, which does not "
+                      "exist; run reason_eval before it")
+  with open(path) as f:
+    res = json.load(f)
+  mine = {r["method"] for r in rows}
+  clash = [r for r in res["rows"] if r["method"] in mine and r.get("stage") != stage]
+  if clash:
+    raise ValueError(f"add_rows: stage {stage!r} would replace the row {clash[0]['method']!r} "
+                     f"that {clash[0].get('stage') or 'reason_eval'} wrote; name its method "
+                     "differently")
+  dropped = {r["method"] for r in res["rows"] if r.get("stage") == stage}
+  res["rows"] = [r for r in res["rows"] if r["method"] not in dropped]
+  res["rows"] += [dict(r, stage=stage) for r in rows]
+  res["traces"] = {m: t for m, t in res.get("traces", {}).items() if m not in dropped}
+  res["traces"].update(traces or {})
+  res.setdefault("timings", {}).update(timings or {})
+  if jax.process_index() == 0:
+    _write_json(path, res)
+  return res
 
 
 def training_curve(cfg, e, name: str, workdir: str, probs) -> list[dict]:

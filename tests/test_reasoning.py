@@ -224,3 +224,29 @@ def test_sample_groups_prompts_by_width_and_is_reproducible():
   assert max(a["lengths"][1]) <= 16 < max(a["lengths"][0]) <= 32
   with pytest.raises(ValueError, match="no room"):
     reasoning.sample(policy, ["x" * 60], n=1, temperature=1.0, max_new_tokens=4, seed=0)
+
+
+def test_a_later_stage_adds_rows_and_keeps_the_others(tmp_path):
+  """A method measured by a stage of its own adds its rows to reason_eval.json; running it again
+  replaces only its own rows, and another stage's rows stay as they were."""
+  from gptjax import config as config_lib
+  bands = ["a", "b"]
+  base = [reasoning.table_row("CoT, greedy", 1, bands, [1.0, 0.0])]
+  with pytest.raises(config_lib.ConfigError, match="run reason_eval before it"):
+    reasoning.add_rows(str(tmp_path), "tot_eval", base)
+  (tmp_path / "reason_eval.json").write_text(json.dumps(
+      {"bands": bands, "rows": base, "traces": {"CoT, greedy": []}, "timings": {"total_s": 1.0}}))
+  first = reasoning.table_row("beam", 4, bands, [0.0, 0.0])
+  other = reasoning.table_row("tools", 1, bands, [1.0, 1.0])
+  reasoning.add_rows(str(tmp_path), "tot_eval", [first], traces={"beam": [{"x": 1}]},
+                     timings={"tot_s": 2.0})
+  reasoning.add_rows(str(tmp_path), "tools_eval", [other])
+  again = reasoning.table_row("beam", 4, bands, [1.0, 1.0])
+  res = reasoning.add_rows(str(tmp_path), "tot_eval", [again], traces={"beam": [{"x": 2}]})
+  assert [(r["method"], r.get("stage")) for r in res["rows"]] == [
+      ("CoT, greedy", None), ("tools", "tools_eval"), ("beam", "tot_eval")]
+  assert res["rows"][0] == base[0] and res["rows"][2]["overall"]["acc"] == 1.0
+  assert res["traces"]["beam"] == [{"x": 2}] and res["timings"] == {"total_s": 1.0, "tot_s": 2.0}
+  assert json.load(open(tmp_path / "reason_eval.json")) == res
+  with pytest.raises(ValueError, match="'CoT, greedy' that reason_eval wrote"):
+    reasoning.add_rows(str(tmp_path), "tot_eval", base)
