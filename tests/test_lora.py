@@ -1,5 +1,5 @@
 """LoRA through qwix: zero-init parity, gradients reach adapters only, adapters-off reference,
-merge parity, PEFT round trip, and LoRA PPO/GRPO micro runs."""
+merge parity, PEFT round trip, and LoRA SFT/RM/DPO/PPO/GRPO micro runs."""
 
 import os
 
@@ -237,3 +237,121 @@ def test_peft_round_trip(tmp_path):
   lora_ours = np.asarray(_apply(model, params, x).logits)
   assert np.abs(lora_ours - plain_ours).max() > 1e-3          # the adapters matter...
   np.testing.assert_allclose(lora_hf, lora_ours, atol=2e-4, rtol=1e-4)   # ...and load equal
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: LoRA SFT, reward model and DPO micro runs
+# --------------------------------------------------------------------------------------------
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+
+def _stage(spec, workdir, *overrides):
+  from gptjax import config as config_lib
+  from gptjax.stages import run_stage
+  cfg = config_lib.load(os.path.join(EXPERIMENTS, spec), list(overrides))
+  return cfg, run_stage(cfg, str(workdir), progress=False)
+
+
+def _losses(workdir):
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+def _check_lora_workdir(workdir, model, state, *, trainable_prefixes=()):
+  """A LoRA workdir's checkpoint holds the trainable leaves only (adapters, plus any scalar head),
+  and it loads as a plain GPT whose logits (and scores) equal the trained LoRA model's."""
+  from gptjax import checkpoint as ckpt_lib
+  full = _init(model)
+  trainable_abs, _ = lora.split(full)
+  names = {p[0] for p in lora._flatten(trainable_abs) if not p[-1].endswith(("_lora_a",
+                                                                             "_lora_b"))}
+  assert names == set(trainable_prefixes), names
+  ckpt = ckpt_lib.restore_params(str(workdir), trainable_abs)
+  assert lora.count(ckpt) == lora.count(trainable_abs) < lora.count(full) // 4
+  plain, params, _, cfg = ckpt_lib.load_for_inference(str(workdir))
+  assert not lora.has_adapters(params) and lora.spec_of(plain) is None
+  x = _tokens(2, 10, seed=5) % cfg.model.vocab_size
+  want, got = _apply(model, state.params, x), _apply(plain, params, x)
+  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=2e-5,
+                             rtol=1e-5)
+  if trainable_prefixes:
+    np.testing.assert_allclose(np.asarray(got.values), np.asarray(want.values), atol=2e-5,
+                               rtol=1e-5)
+  return ckpt
+
+
+def test_lora_sft_micro_run(tmp_path):
+  """LoRA SFT: the loss falls, the checkpoint holds adapters only, and the workdir loads as a
+  plain GPT."""
+  cfg, res = _stage("sft.py:micro", tmp_path, "model.lora.rank=4", "train.steps=6",
+                    "optim.lr=0.01", "train.eval_every=0", "sft.eval_prompts=0",
+                    "train.log_every=1")
+  losses = _losses(tmp_path)
+  assert len(losses) == 6 and np.mean(losses[-2:]) < losses[0] - 0.05, losses
+  _check_lora_workdir(tmp_path, rl_like_model(cfg), res.state)
+
+
+def rl_like_model(cfg):
+  """The stage's LoRA model rebuilt from its recorded config."""
+  from gptjax import config as config_lib
+  return lora.wrap(GPT(config_lib.model_config(cfg)), lora.spec_from_config(cfg))
+
+
+def _preference_file(path, n=32, seed=0):
+  import json
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for i in range(n):
+      p = ["hi", "say", "well", "now"][i % 4]
+      good, bad = ("i love it", "i hate it") if rng.random() < 0.5 else ("love you", "go away")
+      f.write(json.dumps({"prompt": p, "chosen": good, "rejected": bad}) + "\n")
+  return str(path)
+
+
+def test_lora_reward_model_micro_run_trains_the_scalar_head(tmp_path):
+  from gptjax import reward_model
+  from gptjax.data.tokenizers import CharTokenizer
+  pairs = _preference_file(tmp_path / "pairs.jsonl")
+  tok_dir = str(tmp_path / "tok")
+  CharTokenizer.from_text("hi say well now i love it hate you go away").save(tok_dir)
+  wd = tmp_path / "rm"
+  cfg, res = _stage("reward.py:micro", wd, "model.lora.rank=4", "model.lora.alpha=8.0",
+                    f"data.source=preference_jsonl:{pairs}",
+                    f"data.eval_source=preference_jsonl:{pairs}", f"data.tokenizer={tok_dir}",
+                    "train.steps=16", "train.batch_size=8", "optim.lr=0.02",
+                    "train.eval_every=16", "train.log_every=16", "data.seq_len=24")
+  # The preferences follow one rule (love beats hate/away); the adapters and the head learn it.
+  assert res.last_metrics["eval/rm_accuracy"] > 0.9, res.last_metrics
+  model = rl_like_model(cfg)
+  ckpt = _check_lora_workdir(wd, model, res.state, trainable_prefixes=("scalar_head",))
+  # The score head is trained, not just carried: it moved away from its fresh init.
+  init = jax.jit(lambda r: nn.meta.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]))(
+      jax.random.fold_in(jax.random.key(cfg.seed), 0))
+  assert float(jnp.abs(ckpt["scalar_head"]["kernel"] - init["scalar_head"]["kernel"]).max()) > 1e-3
+  # The RL stages read the LoRA reward model through the usual loader: adapters merged, plus
+  # the normalisation bias the stage computed after training.
+  scorer = reward_model.load_reward_model(str(wd))
+  assert scorer.bias != 0.0
+  x = _tokens(2, 10, seed=6) % cfg.model.vocab_size
+  np.testing.assert_allclose(np.asarray(_apply(scorer.model, scorer.params, x).values),
+                             np.asarray(_apply(model, res.state.params, x).values) + scorer.bias,
+                             atol=2e-5)
+
+
+def test_lora_dpo_micro_run(tmp_path):
+  from gptjax.stages import dpo as dpo_stage
+  pairs = _preference_file(tmp_path / "pairs.jsonl")
+  wd = tmp_path / "dpo"
+  cfg, res = _stage("rl.py:dpo_micro", wd, "model.lora.rank=4", "model.lora.alpha=16.0",
+                    f"data.train_source=preference_jsonl:{pairs}",
+                    f"data.eval_source=preference_jsonl:{pairs}", "train.steps=12",
+                    "optim.lr=0.01", "train.eval_every=12", "rl.eval_prompts=0",
+                    "train.log_every=1")
+  losses = _losses(wd)
+  # The policy starts as its reference (B = 0, the base with the adapters off): the first loss
+  # is exactly log 2, and the adapters then learn the preference.
+  assert losses[0] == pytest.approx(np.log(2.0), abs=1e-5)
+  assert res.last_metrics["eval/accuracy"] > 0.9 and losses[-1] < losses[0]
+  _check_lora_workdir(wd, rl_like_model(cfg), res.state)
