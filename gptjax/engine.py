@@ -28,13 +28,24 @@ one [B] draw); with temperature 0 both are greedy and agree.
 Log-probs are those of the raw logits at the sampling temperature, before top-k/top-p/min-p, as in
 `sampling` (the trainer recomputes the same with a plain forward). Not supported here: the
 repetition penalty and stop sequences (`sampling.generate` has them).
+
+Tools (`tools=ToolLoop(...)`, e.g. `gptjax.tools.calculator_loop(tok)`). A row that samples one of
+the loop's trigger ids pauses, and the chunk ends after that step (every row has then taken the
+same number of steps, so the clock and the cache layout stay as above). On the host, `respond`
+reads the row's completion and returns the tokens to append (a tool's result), or None (no call:
+the trigger is an ordinary token, and ends the row if it is an EOS id). The appended tokens are
+then fed through the following decode steps in place of sampled ones, in lockstep with the other
+rows: they enter the same KV cache one slot each, exactly as if the model had written them, and
+nothing is prefilled again. Their log-probs are recorded like any token's (`stats.tool_spans` says
+where they are, e.g. to leave them out of a policy loss). A chunk that ends early costs one host
+round trip; rows that did not call lose nothing. Without `tools` the programs are the ones above.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -57,6 +68,7 @@ class EngineControls:
   min_p: float = 0.0
   pad_id: int = 0
   chunk: int = 16
+  tool_tokens: int = 0          # the longest tool result, in tokens; 0 = no tools
 
   @property
   def cache_len(self) -> int:
@@ -73,31 +85,46 @@ def _draw(keys, logits, c: EngineControls):
   return jax.vmap(sampling.sample_categorical)(keys, logits)
 
 
-def _record(rows: dict, logits, rng, eos_ids, c: EngineControls) -> dict:
-  """Samples each live row's next completion token from `logits` [B,V] and records it."""
+def _record(rows: dict, logits, rng, eos_ids, c: EngineControls, trigger_ids=None) -> dict:
+  """Samples each live row's next completion token from `logits` [B,V] and records it. With
+  tools, a row with tool tokens waiting records the next of those instead, and a row that
+  samples a trigger id pauses (see the module docstring)."""
   step = rows["step"]                                                      # [B] tokens so far
   keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(
       rows["request"], step)
   token = _draw(keys, logits, c)
+  b = jnp.arange(token.shape[0])
+  extra = {}
+  if c.tool_tokens:
+    forcing = rows["forced_i"] < rows["forced_n"]
+    waiting = rows["forced"][b, jnp.minimum(rows["forced_i"], c.tool_tokens - 1)]
+    token = jnp.where(forcing, waiting, token)
   lp = token_logprobs(logits[:, None, :], token[:, None],
                       temperature=c.temperature if c.temperature > 0 else 1.0)[:, 0]
   live = ~rows["done"]
   token = jnp.where(live, token, c.pad_id)
   col = jnp.minimum(step, c.max_new_tokens - 1)
-  b = jnp.arange(token.shape[0])
   completion = rows["completion"].at[b, col].set(
       jnp.where(live, token, rows["completion"][b, col]))
   logprobs = rows["logprobs"].at[b, col].set(jnp.where(live, lp, rows["logprobs"][b, col]))
   stop = jnp.any(token[:, None] == eos_ids[None, :], axis=1)
   new_step = step + live.astype(jnp.int32)
+  if c.tool_tokens:
+    # An appended tool token never stops or pauses its row, even when it is a trigger or EOS id
+    # (a result turn closes with the template's end-of-turn marker).
+    stop &= ~forcing
+    trigger = jnp.any(token[:, None] == trigger_ids[None, :], axis=1) & ~forcing
+    extra = {"forced_i": rows["forced_i"] + (live & forcing).astype(jnp.int32),
+             "paused": live & trigger & (new_step < c.max_new_tokens)}
+    stop &= ~extra["paused"]
   done = rows["done"] | (live & (stop | (new_step >= c.max_new_tokens)))
   return {**rows, "step": new_step, "done": done, "completion": completion, "logprobs": logprobs,
-          "last": token}
+          "last": token, **extra}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "c"), donate_argnames=("cache", "rows"))
 def _admit(model, params, cache, rows, slot_idx, prompts, prompt_lengths, requests, clock,
-           rng, eos_ids, c: EngineControls):
+           rng, eos_ids, trigger_ids, c: EngineControls):
   """Writes prompts [R,P] (right-padded) into rows `slot_idx` [R] of the cache at slots
   [clock - P, clock), resets those rows' records and samples their first token. Entries of
   slot_idx may repeat the scratch row (the last one), which is never live."""
@@ -126,16 +153,29 @@ def _admit(model, params, cache, rows, slot_idx, prompts, prompt_lengths, reques
            "completion": jnp.full((r, c.max_new_tokens), c.pad_id, jnp.int32),
            "logprobs": jnp.zeros((r, c.max_new_tokens), jnp.float32),
            "prompt_length": lengths, "request": requests.astype(jnp.int32),
-           "last": jnp.zeros((r,), jnp.int32)}
-  fresh = _record(fresh, logits, rng, eos_ids, c)
+           "last": jnp.zeros((r,), jnp.int32), **_tool_rows(r, c)}
+  fresh = _record(fresh, logits, rng, eos_ids, c, trigger_ids)
   rows = {k: v.at[slot_idx].set(fresh[k]) for k, v in rows.items()}
   return new_cache, rows
 
 
+def _tool_rows(b: int, c: EngineControls) -> dict:
+  """The per-row tool state: tokens waiting to be appended [B,F], how many [B], how many of
+  them are already recorded [B], and whether the row waits for the host [B]."""
+  if not c.tool_tokens:
+    return {}
+  return {"forced": jnp.full((b, c.tool_tokens), c.pad_id, jnp.int32),
+          "forced_n": jnp.zeros((b,), jnp.int32), "forced_i": jnp.zeros((b,), jnp.int32),
+          "paused": jnp.zeros((b,), bool)}
+
+
 @functools.partial(jax.jit, static_argnames=("model", "c", "steps"),
                    donate_argnames=("cache", "rows"))
-def _decode(model, params, cache, rows, clock, rng, eos_ids, c: EngineControls, steps: int):
-  """`steps` decode steps over every row: feed each row's last token at slot clock + s."""
+def _decode(model, params, cache, rows, clock, rng, eos_ids, trigger_ids, c: EngineControls,
+            steps: int):
+  """Up to `steps` decode steps over every row: feed each row's last token at slot clock + s.
+  Returns (cache, rows, steps taken): with tools the loop stops after a step in which a row
+  paused at a trigger, so the host can answer it before any row goes further."""
   params = nn.meta.unbox(params)
   b = rows["step"].shape[0]
 
@@ -145,9 +185,26 @@ def _decode(model, params, cache, rows, clock, rng, eos_ids, c: EngineControls, 
     out = model.apply({"params": params}, rows["last"][:, None], positions=pos[:, None],
                       segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache,
                       cache_index=clock + s)
-    return out.cache, _record(rows, out.logits[:, 0], rng, eos_ids, c)
+    return out.cache, _record(rows, out.logits[:, 0], rng, eos_ids, c, trigger_ids)
 
-  return jax.lax.fori_loop(0, steps, body, (cache, rows))
+  if not c.tool_tokens:
+    cache, rows = jax.lax.fori_loop(0, steps, body, (cache, rows))
+    return cache, rows, jnp.int32(steps)
+  s, cache, rows = jax.lax.while_loop(
+      lambda x: (x[0] < steps) & ~jnp.any(x[2]["paused"]),
+      lambda x: (x[0] + 1, *body(x[0], (x[1], x[2]))), (jnp.int32(0), cache, rows))
+  return cache, rows, s
+
+
+@functools.partial(jax.jit, donate_argnames=("rows",))
+def _answer(rows, answered, forced, forced_n, end):
+  """The host's answers to paused rows [B]: tokens to append ([B,F], count [B]), or the end of
+  the row. Rows not `answered` are left as they are."""
+  keep = lambda new, old: jnp.where(answered.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+  return {**rows, "forced": keep(forced, rows["forced"]),
+          "forced_n": keep(forced_n, rows["forced_n"]),
+          "forced_i": keep(jnp.zeros_like(rows["forced_i"]), rows["forced_i"]),
+          "paused": rows["paused"] & ~answered, "done": rows["done"] | (answered & end)}
 
 
 @functools.partial(jax.jit, static_argnames=("d",), donate_argnames=("cache",))
@@ -174,6 +231,23 @@ def _bucket(n: int, cap: int) -> int:
   return min(size, cap)
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolLoop:
+  """Tools run by the host between decode steps (see the module docstring).
+
+  trigger_ids   tokens at which a row pauses for `respond`
+  respond       respond(completion ids so far, the trigger last) -> the ids to append, or None
+                when this is no call (the trigger is then an ordinary token; an EOS id ends the
+                row). Called on the host, once per pause.
+  max_tokens    the most ids one answer may hold (the size of a compiled buffer)
+  max_calls     answers per row; at later triggers `respond` is not asked
+  """
+  trigger_ids: tuple
+  respond: Callable[[list], Sequence[int] | None]
+  max_tokens: int = 48
+  max_calls: int = 8
+
+
 @dataclasses.dataclass
 class EngineStats:
   decode_steps: int = 0          # decode steps run (each over the current number of slots)
@@ -181,104 +255,34 @@ class EngineStats:
   admitted: int = 0
   refills: int = 0               # prompts admitted into a slot freed by a finished request
   compactions: int = 0
+  tool_calls: int = 0            # answers appended by a ToolLoop
+  tool_pauses: int = 0           # pauses at a trigger, answered or not
+  # request -> [(start, end)) completion indices of the tokens a tool appended
+  tool_spans: dict = dataclasses.field(default_factory=dict)
 
 
 def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, slots: int = 64, chunk: int = 16,
+             tools: ToolLoop | None = None,
              stats: EngineStats | None = None) -> sampling.SampleOutput:
   """Samples one completion per prompt (right-padded [N,P] int32) with continuous batching.
 
   `slots` rows decode at once; `chunk` steps run between host checks (fewer wasted steps on
-  finished rows against more host round trips). Returns the same `SampleOutput` as
-  `sampling.generate`, rows in the order of `prompts`. `rng`: a key or an int seed.
+  finished rows against more host round trips). `tools`: a `ToolLoop` answered between decode
+  steps. Returns the same `SampleOutput` as `sampling.generate`, rows in the order of `prompts`.
+  `rng`: a key or an int seed.
   """
   prompts = np.asarray(jax.device_get(prompts), np.int32)
   lengths = np.asarray(jax.device_get(prompt_lengths), np.int32)
   n, p = prompts.shape
-  if int(pad_id) in [int(e) for e in eos_ids]:
-    raise ValueError(f"sampling.pad_id: {pad_id} is also an EOS id; pad must differ from EOS")
-  if max_new_tokens <= 0:
-    raise ValueError(f"sampling.max_new_tokens: must be positive, got {max_new_tokens}")
-  c = EngineControls(max_new_tokens=int(max_new_tokens), prompt_width=p,
-                     temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                     min_p=float(min_p), pad_id=int(pad_id), chunk=int(chunk))
-  sampling.SamplingControls(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                            top_k=c.top_k, top_p=c.top_p, min_p=c.min_p).validate()
-  sampling._check_shapes(model, prompts, sampling.SamplingControls(max_new_tokens=c.max_new_tokens))
-  eos, _ = sampling.stop_arrays(eos_ids, ())
-  eos = jnp.asarray(eos)
-  rng = sampling._rng(rng)
-  stats = stats if stats is not None else EngineStats()
-  cfg = model.cfg.resolved()
-
-  width = min(int(slots), n)
-  # One extra row at the end is scratch: admissions padded to a bucket write their dummies there.
-  cache = init_cache(cfg, width + 1, c.cache_len)
-  rows = {"step": jnp.zeros((width + 1,), jnp.int32), "done": jnp.ones((width + 1,), bool),
-          "completion": jnp.full((width + 1, c.max_new_tokens), c.pad_id, jnp.int32),
-          "logprobs": jnp.zeros((width + 1, c.max_new_tokens), jnp.float32),
-          "prompt_length": jnp.ones((width + 1,), jnp.int32),
-          "request": jnp.zeros((width + 1,), jnp.int32), "last": jnp.zeros((width + 1,), jnp.int32)}
-  owner = [-1] * width                  # request held by each slot (-1: free)
-  waiting = list(range(n))
-  clock = p
-  completion = np.full((n, c.max_new_tokens), c.pad_id, np.int32)
-  logprobs = np.zeros((n, c.max_new_tokens), np.float32)
-  steps_taken = np.zeros((n,), np.int32)
-
-  def admit(free):
-    nonlocal cache, rows
-    take = waiting[:len(free)]
-    del waiting[:len(take)]
-    free = free[:len(take)]
-    r = _bucket(len(take), width)
-    scratch = len(owner)
-    idx = np.full((r,), scratch, np.int32)
-    idx[:len(take)] = free
-    req = np.zeros((r,), np.int32)
-    req[:len(take)] = take
-    cache, rows = _admit(model, params, cache, rows, jnp.asarray(idx),
-                         jnp.asarray(prompts[req]), jnp.asarray(lengths[req]), jnp.asarray(req),
-                         clock, rng, eos, c)
-    for s, q in zip(free, take):
-      owner[s] = q
-    stats.admitted += len(take)
-    return len(take)
-
-  admit(list(range(width)))
-  while True:
-    done, step = jax.device_get((rows["done"], rows["step"]))
-    finished = [s for s, q in enumerate(owner) if q >= 0 and done[s]]
-    if finished:
-      comp, lps = jax.device_get((rows["completion"], rows["logprobs"]))
-      for s in finished:
-        q = owner[s]
-        completion[q], logprobs[q], steps_taken[q] = comp[s], lps[s], step[s]
-        owner[s] = -1
-    live = [s for s, q in enumerate(owner) if q >= 0]
-    if not live and not waiting:
-      break
-    if clock + c.chunk > c.cache_len:
-      d = clock + c.chunk - c.cache_len
-      cache = _shift(cache, d)
-      clock -= d
-    free = [s for s, q in enumerate(owner) if q < 0]
-    if waiting and free:
-      stats.refills += admit(free)
-    elif not waiting and _bucket(len(live), width) < len(owner):
-      # Nothing left to admit: move the live rows into fewer slots (power-of-two sizes, so only a
-      # few shapes are ever compiled).
-      width = _bucket(len(live), width)
-      keep = live + [len(owner)]                   # the scratch row stays last
-      cache, rows = _gather(cache, rows, jnp.asarray(keep, jnp.int32))
-      owner = [owner[s] for s in live]
-      stats.compactions += 1
-    cache, rows = _decode(model, params, cache, rows, clock, rng, eos, c, c.chunk)
-    clock += c.chunk
-    stats.decode_steps += c.chunk
-    stats.row_steps += c.chunk * len(owner)
-
+  run = _Run(model, params, prompts, lengths, rng=rng, max_new_tokens=max_new_tokens,
+             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids,
+             pad_id=pad_id, slots=slots, chunk=chunk, tools=tools, stats=stats)
+  for _ in run.chunks():
+    pass
+  c = run.c
+  completion, logprobs, steps_taken = run.completion, run.logprobs, run.steps_taken
   completion_mask = (np.arange(c.max_new_tokens)[None, :] < steps_taken[:, None]).astype(
       np.float32)
   completion = np.where(completion_mask > 0, completion, c.pad_id)
@@ -294,3 +298,183 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
       logprobs=jnp.asarray(logprobs), completion_mask=jnp.asarray(completion_mask),
       lengths=jnp.asarray(steps_taken), prompt_lengths=jnp.asarray(lengths),
       total_lengths=jnp.asarray(total))
+
+
+def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           eos_ids: Sequence[int] = (), pad_id: int = 0, chunk: int = 1, bucket: int = 32,
+           tools: ToolLoop | None = None, stats: EngineStats | None = None):
+  """Yields one prompt's completion ids as they are produced (`chunk` decode steps at a time),
+  tool results included, the stop token last: the engine's loop for a chat. The prompt is padded
+  up to a multiple of `bucket` (within a learned-position model's window), so a conversation that
+  grows turn by turn reuses a few compiled programs."""
+  n = len(prompt_ids)
+  width = max(n, -(-n // bucket) * bucket)
+  cfg = model.cfg.resolved()
+  if cfg.positional == "learned":
+    width = max(n, min(width, cfg.max_len - max_new_tokens))
+  prompts = np.full((1, width), pad_id, np.int32)
+  prompts[0, :n] = prompt_ids
+  run = _Run(model, params, prompts, np.asarray([n], np.int32), rng=rng,
+             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+             min_p=min_p, eos_ids=eos_ids, pad_id=pad_id, slots=1, chunk=chunk, tools=tools,
+             stats=stats)
+  shown = 0
+  for comp, step in run.chunks():
+    upto = int(step[0]) if comp is not None else int(run.steps_taken[0])
+    row = comp[0] if comp is not None else run.completion[0]
+    for t in row[shown:upto]:
+      yield int(t)
+    shown = upto
+
+
+class _Run:
+  """One engine generation, driven chunk by chunk from the host (`chunks`)."""
+
+  def __init__(self, model, params, prompts, lengths, *, rng, max_new_tokens, temperature,
+               top_k, top_p, min_p, eos_ids, pad_id, slots, chunk, tools, stats):
+    n, p = prompts.shape
+    if int(pad_id) in [int(e) for e in eos_ids]:
+      raise ValueError(f"sampling.pad_id: {pad_id} is also an EOS id; pad must differ from EOS")
+    if max_new_tokens <= 0:
+      raise ValueError(f"sampling.max_new_tokens: must be positive, got {max_new_tokens}")
+    if tools is not None and (tools.max_tokens <= 0 or not tools.trigger_ids):
+      raise ValueError("engine.tools: a ToolLoop needs trigger ids and max_tokens > 0")
+    c = EngineControls(max_new_tokens=int(max_new_tokens), prompt_width=p,
+                       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                       min_p=float(min_p), pad_id=int(pad_id), chunk=int(chunk),
+                       tool_tokens=int(tools.max_tokens) if tools is not None else 0)
+    sampling.SamplingControls(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                              top_k=c.top_k, top_p=c.top_p, min_p=c.min_p).validate()
+    sampling._check_shapes(model, prompts,
+                           sampling.SamplingControls(max_new_tokens=c.max_new_tokens))
+    eos, _ = sampling.stop_arrays(eos_ids, ())
+    trig, _ = sampling.stop_arrays(tools.trigger_ids if tools is not None else (), ())
+    self.model, self.params, self.prompts, self.lengths = model, params, prompts, lengths
+    self.c, self.tools = c, tools
+    self.eos_list = [int(e) for e in eos_ids]
+    self.eos, self.trig = jnp.asarray(eos), jnp.asarray(trig)
+    self.rng = sampling._rng(rng)
+    self.stats = stats if stats is not None else EngineStats()
+    self.width = min(int(slots), n)
+    self.completion = np.full((n, c.max_new_tokens), c.pad_id, np.int32)
+    self.logprobs = np.zeros((n, c.max_new_tokens), np.float32)
+    self.steps_taken = np.zeros((n,), np.int32)
+    self.calls = np.zeros((n,), np.int32)
+
+  def _admit(self, cache, rows, owner, waiting, free, clock):
+    take = waiting[:len(free)]
+    del waiting[:len(take)]
+    free = free[:len(take)]
+    r = _bucket(len(take), self.width)
+    scratch = len(owner)
+    idx = np.full((r,), scratch, np.int32)
+    idx[:len(take)] = free
+    req = np.zeros((r,), np.int32)
+    req[:len(take)] = take
+    cache, rows = _admit(self.model, self.params, cache, rows, jnp.asarray(idx),
+                         jnp.asarray(self.prompts[req]), jnp.asarray(self.lengths[req]),
+                         jnp.asarray(req), clock, self.rng, self.eos, self.trig, self.c)
+    for s, q in zip(free, take):
+      owner[s] = q
+    self.stats.admitted += len(take)
+    return cache, rows, len(take)
+
+  def _answer_pauses(self, rows, owner, paused, comp, step):
+    """Asks `respond` for each paused row; returns the rows with the answers recorded."""
+    t, c = self.tools, self.c
+    b = len(paused)
+    answered = np.zeros((b,), bool)
+    end = np.zeros((b,), bool)
+    forced = np.full((b, c.tool_tokens), c.pad_id, np.int32)
+    forced_n = np.zeros((b,), np.int32)
+    for s in np.flatnonzero(paused):
+      q = owner[s] if s < len(owner) else -1
+      answered[s] = True
+      if q < 0:
+        end[s] = True             # the scratch row (admission padding): never read, so stop it
+        continue
+      self.stats.tool_pauses += 1
+      ids = [int(x) for x in comp[s, :step[s]]]
+      reply = t.respond(ids) if self.calls[q] < t.max_calls else None
+      if reply is None:
+        end[s] = ids[-1] in self.eos_list
+        continue
+      reply = [int(x) for x in reply]
+      if len(reply) > c.tool_tokens:
+        raise ValueError(f"engine.tools: respond gave {len(reply)} tokens; the ToolLoop allows "
+                         f"max_tokens={c.tool_tokens}")
+      forced[s, :len(reply)] = reply
+      forced_n[s] = len(reply)
+      self.calls[q] += 1
+      self.stats.tool_calls += 1
+      start = int(step[s])
+      span = (start, min(start + len(reply), c.max_new_tokens))
+      self.stats.tool_spans.setdefault(q, []).append(span)
+    return _answer(rows, jnp.asarray(answered), jnp.asarray(forced), jnp.asarray(forced_n),
+                   jnp.asarray(end))
+
+  def chunks(self):
+    """Runs the generation; yields (completion [B,M], steps [B]) of the slots after each host
+    check (None, None once every request is finished). Results land in self.completion etc."""
+    c, stats, cfg = self.c, self.stats, self.model.cfg.resolved()
+    n = len(self.lengths)
+    width = self.width
+    # One extra row at the end is scratch: admissions padded to a bucket write their dummies
+    # there.
+    cache = init_cache(cfg, width + 1, c.cache_len)
+    rows = {"step": jnp.zeros((width + 1,), jnp.int32), "done": jnp.ones((width + 1,), bool),
+            "completion": jnp.full((width + 1, c.max_new_tokens), c.pad_id, jnp.int32),
+            "logprobs": jnp.zeros((width + 1, c.max_new_tokens), jnp.float32),
+            "prompt_length": jnp.ones((width + 1,), jnp.int32),
+            "request": jnp.zeros((width + 1,), jnp.int32),
+            "last": jnp.zeros((width + 1,), jnp.int32), **_tool_rows(width + 1, c)}
+    owner = [-1] * width                  # request held by each slot (-1: free)
+    waiting = list(range(n))
+    clock = c.prompt_width
+    cache, rows, _ = self._admit(cache, rows, owner, waiting, list(range(width)), clock)
+    while True:
+      if self.tools is not None:
+        paused, = jax.device_get((rows["paused"],))
+        if paused.any():
+          comp, step = jax.device_get((rows["completion"], rows["step"]))
+          rows = self._answer_pauses(rows, owner, np.asarray(paused), np.asarray(comp),
+                                     np.asarray(step))
+      done, step = jax.device_get((rows["done"], rows["step"]))
+      finished = [s for s, q in enumerate(owner) if q >= 0 and done[s]]
+      comp = None
+      if finished or self.tools is not None or width == 1:
+        comp, lps = jax.device_get((rows["completion"], rows["logprobs"]))
+      for s in finished:
+        q = owner[s]
+        self.completion[q], self.logprobs[q], self.steps_taken[q] = comp[s], lps[s], step[s]
+        owner[s] = -1
+      live = [s for s, q in enumerate(owner) if q >= 0]
+      if not live and not waiting:
+        yield None, None
+        break
+      yield comp, step
+      if clock + c.chunk > c.cache_len:
+        d = clock + c.chunk - c.cache_len
+        cache = _shift(cache, d)
+        clock -= d
+      free = [s for s, q in enumerate(owner) if q < 0]
+      if waiting and free:
+        cache, rows, k = self._admit(cache, rows, owner, waiting, free, clock)
+        stats.refills += k
+        if self.tools is not None:
+          continue              # a new row may pause at its first token: answer it first
+      elif not waiting and _bucket(len(live), width) < len(owner):
+        # Nothing left to admit: move the live rows into fewer slots (power-of-two sizes, so
+        # only a few shapes are ever compiled).
+        width = _bucket(len(live), width)
+        keep = live + [len(owner)]                   # the scratch row stays last
+        cache, rows = _gather(cache, rows, jnp.asarray(keep, jnp.int32))
+        owner = [owner[s] for s in live]
+        stats.compactions += 1
+      cache, rows, taken = _decode(self.model, self.params, cache, rows, clock, self.rng,
+                                   self.eos, self.trig, c, c.chunk)
+      taken = int(taken) if self.tools is not None else c.chunk
+      clock += taken
+      stats.decode_steps += taken
+      stats.row_steps += taken * len(owner)
