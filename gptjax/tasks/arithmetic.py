@@ -17,6 +17,12 @@ column addition with carries (`c1`), column subtraction with borrows (`b1`), mul
 partial products that are then added column by column, one equation per word-problem step; then
 `#### N`. Both end in the same marker, so one verifier reads both.
 
+A third format, `tool`, is a conversation rather than a text (`messages(p, "tool")`): each step's
+result comes from a calculator call in the chat template's tool turns (gptjax/tools.py), one call
+per operation of the problem (`347*86`; a word problem's steps `6*14`, `84+23`, ...), then the
+assistant's `#### N`. Its calls use only characters of the same problem's CoT, so adding it
+changes no vocabulary.
+
 The verifier (`extract_final`) reads the first integer after the last `####`; commas between
 digit groups are thousands separators; anything after the number is ignored; no marker means no
 answer unless a fallback is asked for. `read_gsm8k` reads GSM8K's published JSONL (`question`,
@@ -46,7 +52,8 @@ from gptjax.data.errors import DataError
 
 MARKER = "####"
 KINDS = ("add", "sub", "mul", "word")
-FORMATS = ("direct", "cot")
+FORMATS = ("direct", "cot")                # text targets (pretraining text, the tokenizer)
+SFT_FORMATS = FORMATS + ("tool",)          # `tool`: calculator calls in chat turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,9 +408,45 @@ def read_gsm8k(path: str) -> list[Problem]:
 # As a data source.
 # --------------------------------------------------------------------------------------------
 
+_QUESTION = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
+_STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)")
+
+
+def tool_steps(problem: Problem) -> list[tuple[str, int]]:
+  """(calculator expression, value) of each operation of a problem: the question's one
+  operation for add/sub/mul, each line of a word problem's chain. A problem with no steps known
+  (GSM8K's, whose calculator annotations are dropped) has none."""
+  kind = problem.band.split("-")[0]
+  if kind in ("add", "sub", "mul"):
+    m = _QUESTION.fullmatch(problem.question)
+    if m:
+      return [(f"{m.group(1)}{m.group(2)}{m.group(3)}", problem.answer)]
+  if kind == "word":
+    steps = [_STEP.fullmatch(line) for line in problem.cot.splitlines()[:-1]]
+    if steps and all(steps):
+      return [(f"{m.group(1)}{m.group(2)}{m.group(3)}", int(m.group(4))) for m in steps]
+  return []
+
+
+def tool_messages(problem: Problem) -> list[dict]:
+  """The assistant's side of the `tool` format: a call per step, the calculator's answer in a
+  tool turn after it, then the final line. A problem without known steps (`tool_steps`) answers
+  with its CoT, so every problem has a target."""
+  steps = tool_steps(problem)
+  if not steps:
+    return [{"role": "assistant", "content": problem.cot}]
+  out = []
+  for expression, value in steps:
+    out += [{"role": "assistant", "content": "", "tool_call": expression},
+            {"role": "tool", "content": str(value)}]
+  return out + [{"role": "assistant", "content": final_line(problem.answer)}]
+
+
 def messages(problem: Problem, fmt: str | None = None) -> list[dict]:
   """The chat of one problem: the question as the user's turn, then (with `fmt`) the answer."""
   m = [{"role": "user", "content": problem.question}]
+  if fmt == "tool":
+    return m + tool_messages(problem)
   if fmt is not None:
     m.append({"role": "assistant", "content": problem.target(fmt)})
   return m
