@@ -3,9 +3,11 @@
     gptjax sample --workdir W --prompt "ROMEO:" --temperature 0.8 --top_k 40 --top_p 0.95 \
         --min_p 0 --num_samples 3 --max_new_tokens 48 --seed 0
     gptjax chat --workdir W            # a REPL through the chat template; replies stream
+    gptjax chat --workdir W --tools calculator     # the model may call the calculator mid-reply
 
 Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and call
-`sampling.generate` / `sampling.stream`.
+`sampling.generate` / `sampling.stream`; with `--tools`, chat streams from the engine's tool loop
+(`engine.stream` with `tools.loop_for`), the loop the reasoning evaluation measures.
 """
 
 from __future__ import annotations
@@ -160,8 +162,16 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
   p = argparse.ArgumentParser(prog="gptjax chat", description="Chat with a trained model.")
   _add_controls(p, temperature=0.7, max_new_tokens=256)
   p.add_argument("--system", default="", help="a system message to start with")
+  p.add_argument("--tools", default="", metavar="NAME",
+                 help="a tool the model may call inside its reply, run on the host between "
+                 "decode steps: calculator (integer arithmetic)")
   args = p.parse_args(argv)
   check_args(args)
+  if args.tools and args.tools != "calculator":
+    raise UsageError(f"--tools: expected calculator, got {args.tools!r}")
+  if args.tools and args.repetition_penalty != 1.0:
+    raise UsageError("--repetition_penalty: not available with --tools (the tool loop runs in the "
+                     "continuous-batching engine, which has no repetition penalty)")
   if write is None:
     def write(s):
       sys.stdout.write(s)
@@ -174,6 +184,13 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
   model, params, tok, _ = _load(args.workdir, args.step)
   cfg = model.cfg.resolved()
   eos = tuple(chat.reply_stop_ids(tok))
+  loop = None
+  if args.tools:
+    from gptjax import engine, tools
+    try:
+      loop = tools.loop_for(args.tools, tok)
+    except ValueError as e:
+      raise UsageError(f"--tools: {e}") from None
   new = args.max_new_tokens
   if cfg.positional == "learned":
     # Half the window by default, so a few turns of history fit beside the reply.
@@ -227,16 +244,29 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
     write("model> ")
     reply_ids: list[int] = []
     shown = ""
-    for token in sampling.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
-                                 max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id,
-                                 **_controls(args)):
-      if token in eos:
+    if loop is None:
+      tokens = sampling.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
+                               max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id,
+                               **_controls(args))
+    else:
+      controls = {k: v for k, v in _controls(args).items() if k != "repetition_penalty"}
+      tokens = engine.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
+                             max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id, tools=loop,
+                             **controls)
+    for token in tokens:
+      if loop is None and token in eos:
         break
       reply_ids.append(token)
       # Decode the whole reply each time: subword pieces can change how earlier text renders.
-      now = tok.decode(reply_ids)
+      # With tools, calls and results show as [calculator: EXPR = RESULT].
+      now = tok.decode(reply_ids) if loop is None else tools.read_transcript(reply_ids, tok).text
       write(now[len(shown):] if now.startswith(shown) else "\n" + now)
       shown = now
     write("\n")
-    history.append({"role": "assistant", "content": chat.parse_reply(reply_ids, tok)})
+    if loop is None:
+      history.append({"role": "assistant", "content": chat.parse_reply(reply_ids, tok)})
+    else:
+      # The calls and results stay in the conversation as the template's own turns.
+      history += tools.read_transcript(reply_ids, tok).messages or [
+          {"role": "assistant", "content": ""}]
     turn += 1

@@ -261,3 +261,72 @@ def test_calls_per_row_are_capped_and_answers_are_sized(setup):
   big = engine.ToolLoop(trigger_ids=(EOS,), respond=lambda ids: [5] * 9, max_tokens=6)
   with pytest.raises(ValueError, match="respond gave 9 tokens; the ToolLoop allows max_tokens=6"):
     _gen(setup, tools=big)
+
+
+# ------------------------------------------------- a model that calls, for the command line --
+
+def _scripted_policy(question, answer_digits_written="00000"):
+  """A GPT whose greedy next token depends on the position alone (blocks zeroed, token
+  embeddings zeroed, one-hot positions, a head that maps position i to the token scripted after
+  it), scripted to write the tool format's reply to `question`. Where the calculator's result
+  goes it would write `answer_digits_written`: the loop must put the tool's digits there."""
+  tok = CharTokenizer.from_text("0123456789+-*# ?Whatis")
+  cfg = ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=64,
+                    max_len=64, tie_embeddings=False)
+  model = GPT(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = jax.tree_util.tree_map(np.array, params)
+  for name in ("out", ):
+    params["blocks"]["attn"][name]["kernel"][:] = 0
+    params["blocks"]["attn"][name]["bias"][:] = 0
+  params["blocks"]["mlp"]["proj"]["kernel"][:] = 0
+  params["blocks"]["mlp"]["proj"]["bias"][:] = 0
+  params["embed"]["embedding"][:] = 0
+  params["pos_embed"]["embedding"][:] = 10 * np.eye(64)
+  sp = tok.special_ids
+  prompt = chat.render_prompt(question, tok)
+  written = ([sp[tools.CALL]] + tok.encode("347*86") + [sp[tools.END]] + [sp[tools.RESULT]]
+             + tok.encode(answer_digits_written) + [sp[tools.END], sp[tools.ASSISTANT]]
+             + tok.encode("#### 29842") + [sp[tools.END]])
+  head = np.zeros((64, tok.vocab_size), np.float32)
+  for j, t in enumerate(written):
+    head[len(prompt) - 1 + j, t] = 1.0
+  params["lm_head"]["kernel"] = head
+  return model, jax.tree_util.tree_map(jnp.asarray, params), tok
+
+
+def test_chat_with_the_calculator_streams_the_tools_result(monkeypatch):
+  from gptjax import checkpoint, generate_cli
+  model, params, tok = _scripted_policy("What is 347 * 86?")
+  monkeypatch.setattr(checkpoint, "load_for_inference",
+                      lambda workdir, step=None: (model, params, tok, None))
+  inputs = iter(["What is 347 * 86?", "/quit"])
+  out = []
+  assert generate_cli.chat_main(["--workdir", "unused", "--tools", "calculator",
+                                 "--temperature", "0"],
+                                read_line=lambda _: next(inputs), write=out.append) == 0
+  text = "".join(out)
+  assert "model> [calculator: 347*86 = 29842]\n#### 29842\n" in text
+  # The scripted model writes 00000 where the result goes: the digits above are the tool's.
+  # Streamed piece by piece, and the plain chat (no tool) stops at the call's end of turn.
+  assert len(out) > 5
+  inputs = iter(["What is 347 * 86?", "/quit"])
+  out = []
+  assert generate_cli.chat_main(["--workdir", "unused", "--temperature", "0"],
+                                read_line=lambda _: next(inputs), write=out.append) == 0
+  assert "model> <|tool_call|>347*86\n" in "".join(out)
+
+
+def test_chat_tools_flag_errors_are_one_line(monkeypatch, capsys):
+  from gptjax import checkpoint, generate_cli
+  model, params, tok = _scripted_policy("What is 347 * 86?")
+  monkeypatch.setattr(checkpoint, "load_for_inference",
+                      lambda workdir, step=None: (model, params, tok, None))
+  assert generate_cli.chat_main(["--workdir", "unused", "--tools", "python"],
+                                read_line=lambda _: "/quit", write=lambda s: None) == 2
+  assert capsys.readouterr().err == "gptjax chat: --tools: expected calculator, got 'python'\n"
+  assert generate_cli.chat_main(["--workdir", "unused", "--tools", "calculator",
+                                 "--repetition_penalty", "1.2"],
+                                read_line=lambda _: "/quit", write=lambda s: None) == 2
+  assert capsys.readouterr().err.startswith("gptjax chat: --repetition_penalty: not available "
+                                            "with --tools")
