@@ -16,6 +16,8 @@ directory):
     grpo_cot      GRPO from the CoT model, reward = the verifier (`rl.reward=verifier:...`)
     ppo_orm       PPO from the CoT model against the outcome RM
     reason_eval   every method on the same held-out problems (gptjax/reasoning.py)
+    tot_eval      tree-of-thought search (beam, best-first) scored by the outcome RM, against
+                  self-consistency at an equal token budget: rows added to reason_eval's table
     report        the report card: <run>/report.md (gptjax/reasoning_report.py)
 
 Presets: `micro` (tests: seconds per stage, the numbers mean nothing) and `tiny` (2 CPU cores,
@@ -35,7 +37,7 @@ from . import sft as sft_exp
 
 PRESETS = ("micro", "tiny")
 STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",
-          "grpo_cot", "ppo_orm", "reason_eval", "report")
+          "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "report")
 
 
 def task_data(preset: str) -> ml_collections.ConfigDict:
@@ -172,6 +174,21 @@ def reason_eval(preset: str):
   return c
 
 
+def tot_eval(preset: str):
+  """Tree-of-thought search (gptjax/search.py): each round expands `branch` sampled lines of every
+  kept chain and the outcome RM scores the chains so far. Sampling settings are reason_eval's, so
+  the equal-budget self-consistency rows read chains like its own."""
+  c = ml_collections.ConfigDict(dict(
+      policy="{run}/sft_cot", orm="{run}/orm", methods=("beam", "best_first"),
+      beam_width=4, branch=4, max_depth=12, max_expansions=16, max_step_tokens=24,
+      problems_per_band=16,            # of each held-out band (0: all), to bound the search's time
+      samples=16, draws=16, temperature=1.0, max_new_tokens=100, batch_size=512, seed=0))
+  if preset == "micro":
+    c.update(beam_width=2, branch=2, max_depth=6, max_expansions=6, max_step_tokens=16,
+             problems_per_band=3, samples=4, max_new_tokens=48, batch_size=64)
+  return c
+
+
 def get_config(arg=None):
   preset = arg or "tiny"
   if preset not in PRESETS:
@@ -185,6 +202,7 @@ def get_config(arg=None):
       "tokenizer": "gptjax.reasoning:tokenizer_stage",
       "orm_data": "gptjax.reasoning:orm_data_stage",
       "reason_eval": "gptjax.reasoning:evaluate_stage",
+      "tot_eval": "gptjax.search:tot_eval_stage",
       "report": "gptjax.reasoning:report_stage"}
   c.tokenizer = ml_collections.ConfigDict(dict(kind="char"))
   c.task_data = task_data(preset)
@@ -196,5 +214,6 @@ def get_config(arg=None):
   c.grpo_cot = rl_config(preset, "grpo")
   c.ppo_orm = rl_config(preset, "ppo")
   c.reason_eval = reason_eval(preset)
+  c.tot_eval = tot_eval(preset)
   c.distributed = common.base_config().distributed
   return c

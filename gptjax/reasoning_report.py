@@ -92,6 +92,26 @@ def table_markdown(results, bands) -> str:
   return "\n".join(lines)
 
 
+def row_claims(results) -> dict:
+  """method -> {'against': method, 'text': claim} of the rows that carry a claim."""
+  out = {}
+  for r in results:
+    for row in r["rows"]:
+      if row.get("claim"):
+        out.setdefault(row["method"], row["claim"])
+  return out
+
+
+def row_notes(results) -> list[str]:
+  """The notes rows carry (how a budget was matched, what a ceiling means), one line each."""
+  seen = {}
+  for r in results:
+    for row in r["rows"]:
+      if row.get("note"):
+        seen.setdefault(row["method"], row["note"])
+  return [f"- *{m}*: {note}" for m, note in seen.items()]
+
+
 def compare(results, a: str, b: str, band: str) -> str | None:
   """'better', 'worse' or 'no clear difference' for method a against b on a band (intervals)."""
   ca, cb = summarise(_cell_values(results, a, band)), summarise(_cell_values(results, b, band))
@@ -122,6 +142,11 @@ def findings(results, bands, train_bands) -> list[str]:
   if "ppo_orm, 1 sample" in names:
     claims.append(("ppo_orm, 1 sample", "CoT, 1 sample", "PPO against the outcome RM raises one "
                    "sample's accuracy"))
+  # A row may carry its own claim against another row (a stage that adds rows says what its
+  # method should beat, e.g. tree search against self-consistency at equal tokens).
+  for m, claim in row_claims(results).items():
+    if claim.get("against") in names:
+      claims.append((m, claim["against"], claim["text"]))
   out = []
   for a, b, claim in claims:
     verdict = {band: compare(results, a, b, band) for band in ["all"] + bands}
@@ -257,8 +282,11 @@ def write(run_dirs, out_dir: str) -> str:
            "same chains. A cell is accuracy [95% interval]: "
            + ("Wilson over the band's problems." if len(results) == 1 else
               "the mean over runs, t-interval of the run means."), "",
-           "## Methods on the same held-out problems", "", table_markdown(results, bands), "",
-           "## What holds at this scale", ""]
+           "## Methods on the same held-out problems", "", table_markdown(results, bands), ""]
+  notes = row_notes(results)
+  if notes:
+    lines += ["Notes on rows:", "", *notes, ""]
+  lines += ["## What holds at this scale", ""]
   lines += findings(results, bands, train_bands)
   lines += ["", "## At equal sampling budget", "", budget_table(results), ""]
   _curve_plot(results, bands, train_bands, os.path.join(out_dir, "self_consistency.png"))

@@ -14,7 +14,7 @@ from gptjax.rl import rollout
 from gptjax.tasks import arithmetic as ar
 
 STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",
-          "grpo_cot", "ppo_orm", "reason_eval", "report")
+          "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "report")
 
 
 def _jsonl(path):
@@ -38,7 +38,21 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
   for row in res["rows"]:
     for cell in [row["overall"], *row["per_band"].values()]:
       assert cell["n"] > 0 and cell["lo"] <= cell["acc"] <= cell["hi"], row["method"]
-    assert sum(c["n"] for c in row["per_band"].values()) == row["overall"]["n"] == res["problems"]
+    # Tree search runs on the first problems of each band (tot_eval.problems_per_band = 3).
+    n = res["problems"] if not row.get("stage") else 3 * len(res["bands"])
+    assert sum(c["n"] for c in row["per_band"].values()) == row["overall"]["n"] == n
+  # Tree search, each beside self-consistency and ORM best-of-k on as many generated tokens.
+  tot = {r["method"]: r for r in res["rows"] if r.get("stage") == "tot_eval"}
+  for name in ("tree search, beam 2x2, ORM", "tree search, best-first x2, ORM"):
+    row = tot[name]
+    k = row["budget"]
+    label = "beam" if "beam" in name else "best-first"
+    assert row["claim"]["against"] == f"{label} search's tokens: self-consistency@{k}"
+    assert row["claim"]["against"] in tot and f"{label} search's tokens: best-of-{k}, ORM" in tot
+    assert 1 <= k <= 4 and row["tokens_per_problem"] > 0
+    assert abs(row["tokens_per_problem"] - tot[row["claim"]["against"]]["tokens_per_problem"]) \
+        <= tot[row["claim"]["against"]]["tokens_per_problem"] / k / 2 + 1e-9 or k in (1, 4)
+    assert res["traces"][name]
   # The oracle (pass@k) bounds every method that picks one of the same k chains.
   by = {r["method"]: r["overall"]["acc"] for r in res["rows"]}
   assert by["best-of-4, oracle verifier"] >= max(by["self-consistency@4"], by["best-of-4, ORM"],
@@ -51,6 +65,8 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
   assert all(p["pass@1"] <= p["pass@2"] and p["mean_tokens"] > 0 for p in pts)
   report = open(os.path.join(run, "report.md")).read()
   assert "| CoT, greedy | 1 |" in report and "chain-of-thought beats a direct answer" in report
+  assert "| tree search, beam 2x2, ORM |" in report and "generated tokens per problem" in report
+  assert "beam tree search beats self-consistency at an equal token budget" in report
   for png in ("self_consistency.png", "rl_curves.png"):
     assert f"({png})" in report
     with open(os.path.join(run, png), "rb") as f:
