@@ -26,7 +26,9 @@ They differ from `sampling.generate`, whose step key is shared by the batch (one
 one [B] draw); with temperature 0 both are greedy and agree.
 
 Log-probs are those of the raw logits at the sampling temperature, before top-k/top-p/min-p, as in
-`sampling` (the trainer recomputes the same with a plain forward). Not supported here: the
+`sampling` (the trainer recomputes the same with a plain forward). A constraint
+(`constraints.py`) is followed per row: each row's automaton state starts at admission and
+travels with the row through refills and compaction. Not supported here: the
 repetition penalty and stop sequences (`sampling.generate` has them).
 
 Tools (`tools=ToolLoop(...)`, e.g. `gptjax.tools.calculator_loop(tok)`). A row that samples one of
@@ -75,24 +77,31 @@ class EngineControls:
     return self.prompt_width + self.max_new_tokens + self.chunk
 
 
-def _draw(keys, logits, c: EngineControls):
-  """One token per row [B] from raw logits [B,V] with per-row keys [B]."""
+def _draw(keys, logits, c: EngineControls, allowed=None):
+  """One token per row [B] from raw logits [B,V] with per-row keys [B]; `allowed` [B,V] masks
+  it to a constraint's tokens."""
   # The sampler's own logit chain, so both draw from the same distribution.
   logits = sampling.process_logits(logits, temperature=c.temperature, top_k=c.top_k,
-                                   top_p=c.top_p, min_p=c.min_p)
+                                   top_p=c.top_p, min_p=c.min_p, allowed=allowed)
   if c.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.vmap(sampling.sample_categorical)(keys, logits)
 
 
-def _record(rows: dict, logits, rng, eos_ids, c: EngineControls, trigger_ids=None) -> dict:
+def _record(rows: dict, logits, rng, eos_ids, c: EngineControls, trigger_ids=None,
+            automaton=None) -> dict:
   """Samples each live row's next completion token from `logits` [B,V] and records it. With
   tools, a row with tool tokens waiting records the next of those instead, and a row that
-  samples a trigger id pauses (see the module docstring)."""
+  samples a trigger id pauses (see the module docstring). With an `automaton`, rows carry
+  their state in rows["fsm"] and draw among the tokens it allows with the row's own tokens
+  left (`constraints.py`)."""
   step = rows["step"]                                                      # [B] tokens so far
   keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(
       rows["request"], step)
-  token = _draw(keys, logits, c)
+  allowed = None
+  if automaton is not None:
+    allowed = automaton.allowed(rows["fsm"], c.max_new_tokens - step)
+  token = _draw(keys, logits, c, allowed)
   b = jnp.arange(token.shape[0])
   extra = {}
   if c.tool_tokens:
@@ -118,13 +127,15 @@ def _record(rows: dict, logits, rng, eos_ids, c: EngineControls, trigger_ids=Non
              "paused": live & trigger & (new_step < c.max_new_tokens)}
     stop &= ~extra["paused"]
   done = rows["done"] | (live & (stop | (new_step >= c.max_new_tokens)))
+  if automaton is not None:
+    extra["fsm"] = jnp.where(live, automaton.advance(rows["fsm"], token), rows["fsm"])
   return {**rows, "step": new_step, "done": done, "completion": completion, "logprobs": logprobs,
           "last": token, **extra}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "c"), donate_argnames=("cache", "rows"))
 def _admit(model, params, cache, rows, slot_idx, prompts, prompt_lengths, requests, clock,
-           rng, eos_ids, trigger_ids, c: EngineControls):
+           rng, eos_ids, trigger_ids, c: EngineControls, automaton=None):
   """Writes prompts [R,P] (right-padded) into rows `slot_idx` [R] of the cache at slots
   [clock - P, clock), resets those rows' records and samples their first token. Entries of
   slot_idx may repeat the scratch row (the last one), which is never live."""
@@ -154,7 +165,9 @@ def _admit(model, params, cache, rows, slot_idx, prompts, prompt_lengths, reques
            "logprobs": jnp.zeros((r, c.max_new_tokens), jnp.float32),
            "prompt_length": lengths, "request": requests.astype(jnp.int32),
            "last": jnp.zeros((r,), jnp.int32), **_tool_rows(r, c)}
-  fresh = _record(fresh, logits, rng, eos_ids, c, trigger_ids)
+  if automaton is not None:
+    fresh["fsm"] = jnp.zeros((r,), jnp.int32)                             # the start state
+  fresh = _record(fresh, logits, rng, eos_ids, c, trigger_ids, automaton)
   rows = {k: v.at[slot_idx].set(fresh[k]) for k, v in rows.items()}
   return new_cache, rows
 
@@ -172,7 +185,7 @@ def _tool_rows(b: int, c: EngineControls) -> dict:
 @functools.partial(jax.jit, static_argnames=("model", "c", "steps"),
                    donate_argnames=("cache", "rows"))
 def _decode(model, params, cache, rows, clock, rng, eos_ids, trigger_ids, c: EngineControls,
-            steps: int):
+            steps: int, automaton=None):
   """Up to `steps` decode steps over every row: feed each row's last token at slot clock + s.
   Returns (cache, rows, steps taken): with tools the loop stops after a step in which a row
   paused at a trigger, so the host can answer it before any row goes further."""
@@ -185,7 +198,7 @@ def _decode(model, params, cache, rows, clock, rng, eos_ids, trigger_ids, c: Eng
     out = model.apply({"params": params}, rows["last"][:, None], positions=pos[:, None],
                       segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache,
                       cache_index=clock + s)
-    return out.cache, _record(rows, out.logits[:, 0], rng, eos_ids, c, trigger_ids)
+    return out.cache, _record(rows, out.logits[:, 0], rng, eos_ids, c, trigger_ids, automaton)
 
   if not c.tool_tokens:
     cache, rows = jax.lax.fori_loop(0, steps, body, (cache, rows))
@@ -265,20 +278,22 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, slots: int = 64, chunk: int = 16,
              tools: ToolLoop | None = None,
-             stats: EngineStats | None = None) -> sampling.SampleOutput:
+             stats: EngineStats | None = None, constraint=None) -> sampling.SampleOutput:
   """Samples one completion per prompt (right-padded [N,P] int32) with continuous batching.
 
   `slots` rows decode at once; `chunk` steps run between host checks (fewer wasted steps on
   finished rows against more host round trips). `tools`: a `ToolLoop` answered between decode
   steps. Returns the same `SampleOutput` as `sampling.generate`, rows in the order of `prompts`.
-  `rng`: a key or an int seed.
+  `rng`: a key or an int seed. `constraint`: as in `sampling.generate`; each row follows the
+  automaton from its admission.
   """
   prompts = np.asarray(jax.device_get(prompts), np.int32)
   lengths = np.asarray(jax.device_get(prompt_lengths), np.int32)
   n, p = prompts.shape
   run = _Run(model, params, prompts, lengths, rng=rng, max_new_tokens=max_new_tokens,
              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids,
-             pad_id=pad_id, slots=slots, chunk=chunk, tools=tools, stats=stats)
+             pad_id=pad_id, slots=slots, chunk=chunk, tools=tools, stats=stats,
+             constraint=constraint)
   for _ in run.chunks():
     pass
   c = run.c
@@ -303,7 +318,7 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
 def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            eos_ids: Sequence[int] = (), pad_id: int = 0, chunk: int = 1, bucket: int = 32,
-           tools: ToolLoop | None = None, stats: EngineStats | None = None):
+           tools: ToolLoop | None = None, stats: EngineStats | None = None, constraint=None):
   """Yields one prompt's completion ids as they are produced (`chunk` decode steps at a time),
   tool results included, the stop token last: the engine's loop for a chat. The prompt is padded
   up to a multiple of `bucket` (within a learned-position model's window), so a conversation that
@@ -318,7 +333,7 @@ def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int
   run = _Run(model, params, prompts, np.asarray([n], np.int32), rng=rng,
              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              min_p=min_p, eos_ids=eos_ids, pad_id=pad_id, slots=1, chunk=chunk, tools=tools,
-             stats=stats)
+             stats=stats, constraint=constraint)
   shown = 0
   for comp, step in run.chunks():
     upto = int(step[0]) if comp is not None else int(run.steps_taken[0])
@@ -332,7 +347,8 @@ class _Run:
   """One engine generation, driven chunk by chunk from the host (`chunks`)."""
 
   def __init__(self, model, params, prompts, lengths, *, rng, max_new_tokens, temperature,
-               top_k, top_p, min_p, eos_ids, pad_id, slots, chunk, tools, stats):
+               top_k, top_p, min_p, eos_ids, pad_id, slots, chunk, tools, stats,
+               constraint=None):
     n, p = prompts.shape
     if int(pad_id) in [int(e) for e in eos_ids]:
       raise ValueError(f"sampling.pad_id: {pad_id} is also an EOS id; pad must differ from EOS")
@@ -348,6 +364,8 @@ class _Run:
                               top_k=c.top_k, top_p=c.top_p, min_p=c.min_p).validate()
     sampling._check_shapes(model, prompts,
                            sampling.SamplingControls(max_new_tokens=c.max_new_tokens))
+    self.automaton = sampling._automaton(constraint, sampling.SamplingControls(
+        max_new_tokens=c.max_new_tokens), model.cfg.resolved().vocab_size)
     eos, _ = sampling.stop_arrays(eos_ids, ())
     trig, _ = sampling.stop_arrays(tools.trigger_ids if tools is not None else (), ())
     self.model, self.params, self.prompts, self.lengths = model, params, prompts, lengths
@@ -374,7 +392,8 @@ class _Run:
     req[:len(take)] = take
     cache, rows = _admit(self.model, self.params, cache, rows, jnp.asarray(idx),
                          jnp.asarray(self.prompts[req]), jnp.asarray(self.lengths[req]),
-                         jnp.asarray(req), clock, self.rng, self.eos, self.trig, self.c)
+                         jnp.asarray(req), clock, self.rng, self.eos, self.trig, self.c,
+                         self.automaton)
     for s, q in zip(free, take):
       owner[s] = q
     self.stats.admitted += len(take)
@@ -429,6 +448,8 @@ class _Run:
             "prompt_length": jnp.ones((width + 1,), jnp.int32),
             "request": jnp.zeros((width + 1,), jnp.int32),
             "last": jnp.zeros((width + 1,), jnp.int32), **_tool_rows(width + 1, c)}
+    if self.automaton is not None:
+      rows["fsm"] = jnp.zeros((width + 1,), jnp.int32)
     owner = [-1] * width                  # request held by each slot (-1: free)
     waiting = list(range(n))
     clock = c.prompt_width
@@ -473,7 +494,7 @@ class _Run:
         owner = [owner[s] for s in live]
         stats.compactions += 1
       cache, rows, taken = _decode(self.model, self.params, cache, rows, clock, self.rng,
-                                   self.eos, self.trig, c, c.chunk)
+                                   self.eos, self.trig, c, c.chunk, self.automaton)
       taken = int(taken) if self.tools is not None else c.chunk
       clock += taken
       stats.decode_steps += taken

@@ -4,6 +4,8 @@
         --min_p 0 --num_samples 3 --max_new_tokens 48 --seed 0
     gptjax chat --workdir W            # a REPL through the chat template; replies stream
     gptjax chat --workdir W --tools calculator     # the model may call the calculator mid-reply
+    gptjax sample --workdir W --prompt "Q: 2+2?\nA: " --regex "[0-9]+"       # constrained
+    gptjax sample --workdir W --prompt "..." --json_schema schema.json        # or inline JSON
 
 Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and call
 `sampling.generate` / `sampling.stream`; with `--tools`, chat streams from the engine's tool loop
@@ -114,8 +116,14 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   p.add_argument("--no_bos", action="store_true", help="do not start the prompt with BOS")
   p.add_argument("--stop", action="append", default=[],
                  help="a string that ends a sample (repeatable)")
+  p.add_argument("--regex", default=None,
+                 help="constrain every sample to match this regular expression (fullmatch)")
+  p.add_argument("--json_schema", default=None,
+                 help="constrain every sample to JSON valid for this schema: a file, or the "
+                 "schema's JSON itself")
   args = p.parse_args(argv)
   check_args(args)
+  pattern = _constraint_pattern(args)
 
   import numpy as np
   from gptjax import prompting, sampling
@@ -136,11 +144,24 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   prompts = np.tile(np.asarray(ids, np.int32)[None], (args.num_samples, 1))
   lengths = np.full((args.num_samples,), len(ids), np.int32)
   stops = tuple(tuple(prompting.encode_with_specials(tok, s)) for s in args.stop if s)
+  constraint = None
+  if pattern is not None:
+    from gptjax import constraints
+    flag = "--regex" if args.regex is not None else "--json_schema"
+    try:
+      constraint = constraints.compile(tok, regex=pattern, vocab_size=model.cfg.resolved(
+          ).vocab_size, stop_ids=eos)
+      constraints.check_budget(constraint.automaton, new)
+    except (constraints.ConstraintError, ValueError) as e:
+      raise UsageError(f"{flag}: {e}") from None
   out = sampling.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
-                          eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id, **_controls(args))
+                          eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id,
+                          constraint=constraint, **_controls(args))
   completion, lengths = np.asarray(out.completion), np.asarray(out.lengths)
   for i in range(args.num_samples):
-    text = tok.decode([t for t in completion[i, :lengths[i]] if t not in eos])
+    ids = [t for t in completion[i, :lengths[i]] if t not in eos]
+    # A constrained sample is shown as the text the pattern matched (see Constraint.text).
+    text = constraint.text(ids) if constraint is not None else tok.decode(ids)
     text = prompting.truncate_at_stop(text, args.stop)
     if args.chat:
       # The prompt was a user turn and the text is the model's reply: two turns, not one text.
@@ -148,6 +169,33 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
     else:
       write(f"--- sample {i + 1}/{args.num_samples}\n{args.prompt}{text}\n")
   return 0
+
+
+def _constraint_pattern(args) -> str | None:
+  """The regex of --regex or --json_schema, checked before anything loads; None without one."""
+  from gptjax import constraints
+  if args.regex is not None and args.json_schema is not None:
+    raise UsageError("--regex and --json_schema: give one of them, not both")
+  try:
+    if args.regex is not None:
+      constraints.check_regex(args.regex)
+      return args.regex
+    if args.json_schema is not None:
+      text = args.json_schema
+      if not text.lstrip().startswith("{"):
+        try:
+          with open(text) as f:
+            text = f.read()
+        except OSError as e:
+          raise UsageError(f"--json_schema: cannot read {args.json_schema!r} ({e.strerror}); "
+                           "expected a schema file or the schema's JSON") from None
+      return constraints.regex_from_schema(text)
+  except constraints.ConstraintError as e:
+    flag = "--regex" if args.regex is not None else (
+        "--json_schema" if args.json_schema.lstrip().startswith("{")
+        else f"--json_schema {args.json_schema}")
+    raise UsageError(f"{flag}: {e}") from None
+  return None
 
 
 CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets a system message, /quit"

@@ -28,6 +28,10 @@ Decoding controls follow Hugging Face transformers, in its order: repetition pen
 logits, then temperature, then top-k, top-p and min-p, each on the output of the one before. The
 filters are static switches: a control left at its neutral value costs nothing in the loop.
 
+Constrained decoding (`constraint=`, see `constraints.py`): the loop carries one automaton state
+per row, masks each row's logits to the tokens its state allows before the chain above, and
+moves the state along the automaton's table. Without a constraint the program is unchanged.
+
 What does not live here: prompt strategies (`prompting.py`), the CLI (`generate_cli.py`), and
 rollout bookkeeping for RL (`rl/`).
 """
@@ -123,12 +127,16 @@ def filter_logits(logits, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 
 
 def process_logits(logits, *, seen=None, repetition_penalty: float = 1.0,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0):
-  """The sampler's whole logit chain, in its order: repetition penalty (on tokens `seen` [..., V]
-  bool), then temperature, then top-k, top-p and min-p. [..., V] -> [..., V] float32, removed
-  tokens at -inf; sampling draws from softmax of the result. Temperature 0 means greedy: the
+                   min_p: float = 0.0, allowed=None):
+  """The sampler's whole logit chain, in its order: the constraint's mask (tokens `allowed`
+  [..., V] bool; `constraints.py`), repetition penalty (on tokens `seen` [..., V] bool), then
+  temperature, then top-k, top-p and min-p. [..., V] -> [..., V] float32, removed tokens at
+  -inf; sampling draws from softmax of the result. Temperature 0 means greedy: the masked and
   penalised logits come back unscaled and unfiltered, and the sampler takes their argmax.
   `generate`, `stream` and anything else that wants the same distribution call this."""
+  if allowed is not None:
+    # First, so that top-k and top-p choose among the tokens the pattern allows.
+    logits = jnp.where(allowed, logits, NEG_INF)
   if seen is not None:
     logits = apply_repetition_penalty(logits, seen, repetition_penalty)
   if temperature == 0.0:
@@ -239,6 +247,7 @@ class DecodeState:
   recent: jax.Array            # [B,W] the last W completion tokens (-1 before the start)
   eos_ids: jax.Array           # [E] see `stop_arrays`
   stop_sequences: jax.Array    # [NS,W]
+  fsm: jax.Array | None = None  # [B] int32 automaton state of each row; None: unconstrained
 
 
 @struct.dataclass
@@ -269,12 +278,16 @@ def _head_logits(cfg, params, hidden):
   return out
 
 
-def _choose(state: DecodeState, rng, c: SamplingControls):
-  """Samples token `state.step` for every row and records it. Returns the new state."""
+def _choose(state: DecodeState, rng, c: SamplingControls, automaton=None):
+  """Samples token `state.step` for every row and records it. Returns the new state. With an
+  `automaton` (constraints.Automaton), each row draws among the tokens its state allows."""
   raw = state.logits
+  allowed = None
+  if automaton is not None:
+    allowed = automaton.allowed(state.fsm, c.max_new_tokens - state.step)
   logits = process_logits(raw, seen=state.seen, repetition_penalty=c.repetition_penalty,
                           temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                          min_p=c.min_p)
+                          min_p=c.min_p, allowed=allowed)
   key = jax.random.fold_in(rng, state.step)
   if c.temperature == 0.0:
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -300,13 +313,16 @@ def _choose(state: DecodeState, rng, c: SamplingControls):
   seen = state.seen
   if c.repetition_penalty != 1.0:
     seen = seen | (jax.nn.one_hot(token, seen.shape[-1], dtype=bool) & live[:, None])
+  fsm = state.fsm
+  if automaton is not None:
+    fsm = jnp.where(live, automaton.advance(fsm, token), fsm)
   return state.replace(step=i + 1, done=state.done | (live & stop), completion=completion,
                        logprobs=logprobs, completion_mask=completion_mask, seen=seen,
-                       recent=recent)
+                       recent=recent, fsm=fsm)
 
 
 def _prefill(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng,
-             c: SamplingControls, cache_len: int | None = None) -> DecodeState:
+             c: SamplingControls, cache_len: int | None = None, automaton=None) -> DecodeState:
   """Runs the prompts through the model into a fresh cache of `cache_len` slots (default P + M)
   and samples the first token."""
   cfg = model.cfg.resolved()
@@ -337,12 +353,13 @@ def _prefill(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rn
       completion=jnp.full((b, m), c.pad_id, jnp.int32), logprobs=jnp.zeros((b, m), jnp.float32),
       completion_mask=jnp.zeros((b, m), jnp.float32), seen=seen,
       recent=jnp.full((b, c.window), -1, jnp.int32), eos_ids=eos_ids.astype(jnp.int32),
-      stop_sequences=stop_sequences.astype(jnp.int32))
-  return _choose(state, rng, c)
+      stop_sequences=stop_sequences.astype(jnp.int32),
+      fsm=None if automaton is None else jnp.zeros((b,), jnp.int32))
+  return _choose(state, rng, c, automaton)
 
 
 def _advance(model, params, state: DecodeState, rng, c: SamplingControls,
-             prompt_width: int) -> DecodeState:
+             prompt_width: int, automaton=None) -> DecodeState:
   """Feeds the last sampled token through the model (slot P + step - 1 for every row, position
   prompt_length + step - 1 per row) and samples the next one. P is `prompt_width`; the cache may
   be shorter than P + M (see `decode_phases`), as long as it holds slot P + step - 1."""
@@ -354,7 +371,7 @@ def _advance(model, params, state: DecodeState, rng, c: SamplingControls,
   out = model.apply({"params": params}, token, positions=(state.prompt_lengths + i)[:, None],
                     segment_ids=jnp.ones((b, 1), jnp.int32), cache=state.cache,
                     cache_index=p + i)
-  return _choose(state.replace(cache=out.cache, logits=out.logits[:, 0]), rng, c)
+  return _choose(state.replace(cache=out.cache, logits=out.logits[:, 0]), rng, c, automaton)
 
 
 def _finish(prompts, state: DecodeState, c: SamplingControls) -> SampleOutput:
@@ -394,16 +411,17 @@ def decode_phases(max_new_tokens: int) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnames=("model", "c"))
 def _generate(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng,
-              c: SamplingControls):
+              c: SamplingControls, automaton=None):
   p = prompts.shape[1]
   bounds = decode_phases(c.max_new_tokens)
   state = _prefill(model, params, prompts, prompt_lengths, eos_ids, stop_sequences, rng, c,
-                   cache_len=p + bounds[0])
+                   cache_len=p + bounds[0], automaton=automaton)
   for end in bounds:
     # Step s writes slot P + s - 1, so steps below `end` fit in P + end slots.
     state = state.replace(cache=grow_cache(state.cache, p + end))
     state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done),
-                               lambda s: _advance(model, params, s, rng, c, p), state)
+                               lambda s: _advance(model, params, s, rng, c, p, automaton),
+                               state)
   return _finish(prompts, state, c)
 
 
@@ -411,6 +429,20 @@ def _rng(rng):
   if isinstance(rng, int):
     return jax.random.key(rng)
   return rng
+
+
+def _automaton(constraint, c: SamplingControls, vocab_size: int):
+  """The device automaton of a `constraints.Constraint` (or an Automaton given as is), checked
+  against the budget and the model's vocabulary; None when unconstrained."""
+  if constraint is None:
+    return None
+  from gptjax import constraints
+  automaton = getattr(constraint, "automaton", constraint)
+  if automaton.next_state.shape[1] != vocab_size:
+    raise ValueError(f"constraint: compiled for {automaton.next_state.shape[1]} tokens, but the "
+                     f"model has {vocab_size}; compile it with vocab_size={vocab_size}")
+  constraints.check_budget(automaton, c.max_new_tokens)
+  return jax.tree.map(jnp.asarray, automaton)
 
 
 def _controls(*, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_ids,
@@ -440,8 +472,13 @@ def _check_shapes(model, prompts, c: SamplingControls):
 def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (),
-             stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0) -> SampleOutput:
+             stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
+             constraint=None) -> SampleOutput:
   """Samples up to `max_new_tokens` per row from right-padded prompts [B,P] int32.
+
+  `constraint` (a `constraints.Constraint` compiled with the same stop ids, or its Automaton):
+  every row's completion is kept inside the pattern's language, inside the compiled loop; None
+  leaves the program exactly as it is without one.
 
   Each row stops on its own at an EOS id or at the end of a stop sequence (matched within the
   completion; the stop tokens are kept and counted in its mask), and the loop ends early once all
@@ -457,8 +494,9 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
   _check_shapes(model, prompts, c)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32) if isinstance(
       prompt_lengths, (np.ndarray, list, tuple)) else prompt_lengths
+  automaton = _automaton(constraint, c, model.cfg.resolved().vocab_size)
   return _generate(model, params, prompts.astype(jnp.int32), prompt_lengths, eos, stops,
-                   _rng(rng), c)
+                   _rng(rng), c, automaton)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +513,7 @@ def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (),
            stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
-           bucket: int = 32) -> Iterator[int]:
+           bucket: int = 32, constraint=None) -> Iterator[int]:
   """Yields the completion of one prompt token by token, as it is produced (for chat).
 
   Same program pieces and keys as `generate`, so with the same seed it yields the same tokens.
@@ -495,10 +533,12 @@ def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int
   prompts[0, :n] = prompt_ids
   _check_shapes(model, prompts, c)
   rng = _rng(rng)
-  state = _prefill_jit(model, params, prompts, np.asarray([n], np.int32), eos, stops, rng, c)
+  automaton = _automaton(constraint, c, cfg.vocab_size)
+  state = _prefill_jit(model, params, prompts, np.asarray([n], np.int32), eos, stops, rng, c,
+                       automaton=automaton)
   for i in range(c.max_new_tokens):
     if i:
-      state = _advance_jit(model, params, state, rng, c, width)
+      state = _advance_jit(model, params, state, rng, c, width, automaton)
     token, done = jax.device_get((state.completion[0, i], state.done[0]))
     yield int(token)
     if done:

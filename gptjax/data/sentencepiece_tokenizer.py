@@ -95,6 +95,23 @@ class SentencePieceTokenizer:
     i = int(i)
     return self._names[i] if i in self._names else self.sp.id_to_piece(i)
 
+  def token_bytes(self) -> list[bytes | None]:
+    """The bytes each id spells, for constrained decoding: a piece's text with `▁` as a space,
+    a byte piece `<0xNN>` its byte, None for control, unknown and unused pieces and the ids
+    added for special tokens. A sequence spells the concatenation; `decode` also drops the
+    space of a leading `▁` (the dummy prefix), which this does not."""
+    out: list[bytes | None] = []
+    for i in range(self._piece_size):
+      piece = self.sp.id_to_piece(i)
+      if self.sp.is_byte(i):
+        out.append(bytes([int(piece[3:5], 16)]))
+      elif (self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)
+            or i in self._names):
+        out.append(None)
+      else:
+        out.append(piece.replace("\u2581", " ").encode())
+    return out + [None] * (self._vocab_size - self._piece_size)
+
   def save(self, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, MODEL_FILE)

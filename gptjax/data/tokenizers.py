@@ -2,6 +2,7 @@
 
     tok.encode(text) -> list[int]        tok.decode(ids) -> str
     tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.special_ids (name -> id)
+    tok.token_bytes() -> the bytes each id spells, None for special ids (constraints.py)
     tok.save(directory)                  load_tokenizer(directory)
 
 Kinds: char (below), SentencePiece (sentencepiece_tokenizer.py) and Hugging Face `tokenizers`
@@ -71,6 +72,10 @@ class CharTokenizer:
   def id_to_piece(self, i: int) -> str:
     i = int(i)
     return self.chars[i - self._offset] if i >= self._offset else SPECIAL_TOKENS[i]
+
+  def token_bytes(self) -> list[bytes | None]:
+    """The UTF-8 bytes each id spells (None for special tokens), for constrained decoding."""
+    return [None] * self._offset + [c.encode() for c in self.chars]
 
   def save(self, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)

@@ -107,6 +107,45 @@ class HFTokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._tok.id_to_token(int(i)) or ""
 
+  def token_bytes(self) -> list[bytes | None]:
+    """The bytes each id spells, for constrained decoding; None for special tokens. Read from
+    the tokenizer's decoder: byte-level BPE (GPT-2, Qwen) through the byte alphabet; pieces with
+    `▁` for a space and `<0xNN>` byte fallback (LLaMA, Gemma) by its Replace / Metaspace /
+    ByteFallback steps. Other decoders (WordPiece's `##`) are not supported."""
+    import re
+    from gptjax import constraints
+    dec = json.loads(self._tok.to_str()).get("decoder") or {}
+    steps = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    kinds = {d.get("type") for d in steps}
+    unknown = kinds - {"ByteLevel", "Replace", "Metaspace", "ByteFallback", "Fuse", "Strip", None}
+    if unknown:
+      raise ValueError(f"{self.directory}: constrained decoding cannot tell what bytes the tokens "
+                       f"of a {'/'.join(sorted(unknown))} decoder spell")
+    alphabet = constraints.byte_level_alphabet() if "ByteLevel" in kinds else None
+    added = self._tok.get_added_tokens_decoder()
+    out: list[bytes | None] = []
+    for i in range(self.vocab_size):
+      piece = self._tok.id_to_token(i)
+      if piece is None or (i in added and added[i].special):
+        out.append(None)
+      elif i in added:
+        out.append(added[i].content.encode())       # matched and decoded literally
+      elif alphabet is not None:
+        out.append(bytes(alphabet[ch] for ch in piece) if all(ch in alphabet for ch in piece)
+                   else None)
+      elif "ByteFallback" in kinds and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        out.append(bytes([int(piece[3:5], 16)]))
+      else:
+        for d in steps:
+          if d.get("type") == "Replace":
+            pattern = d.get("pattern", {}).get("String")
+            if pattern is not None:
+              piece = piece.replace(pattern, d.get("content", ""))
+          elif d.get("type") == "Metaspace":
+            piece = piece.replace(d.get("replacement", "\u2581"), " ")
+        out.append(piece.encode())
+    return out
+
   def save(self, directory: str) -> str:
     """Copies the HF files into `directory/hf_tokenizer/` and writes gptjax's tokenizer.json
     pointing there (with the pad id, so a reload never picks another)."""
