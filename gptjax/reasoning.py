@@ -159,7 +159,7 @@ def prompt_ids(questions, tok) -> list[list[int]]:
 
 
 def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int, seed: int,
-           batch_size: int = 256) -> dict:
+           batch_size: int = 256, width_bucket: int = 16) -> dict:
   """n completions per question (temperature 0: greedy, then n is 1). Returns {'texts' [Q][n],
   'ids' [Q][n] (with the stop token), 'lengths' [Q][n] tokens, 'ended' [Q][n]}.
 
@@ -173,11 +173,11 @@ def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int
   prompts = prompt_ids(questions, tok)
   rows = [p for p in prompts for _ in range(n)]
   max_len = model.cfg.resolved().max_len
-  # Rows are grouped by prompt width (rounded up to 16), so a long word problem does not take
+  # Rows are grouped by prompt width (rounded up to `width_bucket`), so a long word problem does not take
   # the room a short multiplication needs for its long chain: each group gets the new tokens
   # that fit beside its own prompts. One batch shape per (batch_size, width) (short groups are
   # padded with copies), so calls over different question sets reuse compiled programs.
-  widths = [min(-(-len(p) // 16) * 16, max_len - 1) for p in rows]
+  widths = [min(-(-len(p) // width_bucket) * width_bucket, max_len - 1) for p in rows]
   too_long = [len(p) for p, w in zip(rows, widths) if len(p) > w]
   if too_long:
     raise ValueError(f"sample: a prompt of {max(too_long)} tokens leaves no room in "

@@ -1,10 +1,15 @@
-"""Questions on the plays: every generated answer re-derived from the raw play files by an
-independent scan, the split, and the prompts."""
+"""Retrieval on the plays: every generated answer re-derived from the raw play files by an
+independent scan, the split, the prompts, BM25 on the corpus, and the micro pipeline end to end."""
 
 import importlib.resources
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO, child_env
 from gptjax.data import shakespeare
 from gptjax.tasks import plays_qa as qa
 
@@ -87,3 +92,45 @@ def test_titles_matching_and_prompts():
   assert not qa.exact_match("Hamlet, Prince", "Hamlet")
   assert qa.retrieval_prompt("Q?", ["a | B: c", "d | E: f"]) == \
       "Passages:\na | B: c\nd | E: f\n\nQ?"
+  assert qa.retrieval_query("Who says: 'To be, or not to be'?") == "to be or not to be"
+  assert qa.retrieval_query("In which play does HORATIO appear?") == "horatio"
+
+
+def test_bm25_finds_the_line_it_is_asked_about(corpus):
+  """Over every line of the plays (a sparse index), a quoted line's own passage ranks first for
+  nearly every who-says question."""
+  from gptjax import prompting
+  _, passages = corpus
+  bm = prompting.BM25([p.render() for p in passages])
+  qs = [q for q in qa.generate(passages, ["who-says"], 50, split="heldout", seed=0)]
+  top1 = [bm.top_k(qa.retrieval_query(q.question), 1)[0][0] in q.gold for q in qs]
+  assert sum(top1) >= 40
+
+
+def test_the_micro_pipeline_answers_both_ways_and_reports(tmp_path):
+  run = str(tmp_path / "run")
+  proc = subprocess.run([sys.executable, "-m", "gptjax.main", "pipeline", "--config",
+                         os.path.join(REPO, "experiments", "retrieval_qa.py") + ":micro",
+                         "--workdir", run, "--no_progress"], env=child_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.load(open(os.path.join(run, "qa_eval.json")))
+  assert res["bands"] == ["who-says", "which-play"] and res["problems"] == 12
+  methods = [r["method"] for r in res["rows"]]
+  assert methods == ["closed-book, greedy", "BM25 top-2 passages in the prompt, greedy",
+                     "the answer's passage in the prompt, greedy",
+                     "BM25 recall@2 (the answer's passage retrieved)"]
+  for row in res["rows"]:
+    assert row["overall"]["n"] == 12 and row["overall"]["lo"] <= row["overall"]["acc"] <= \
+        row["overall"]["hi"]
+  # The recall row is the retriever's hit rate, recomputed from the questions file.
+  recs = [json.loads(l) for l in open(os.path.join(run, "qa_data", "questions_heldout.jsonl"))]
+  hits = sum(bool(set(r["retrieved"][:2]) & set(r["gold"])) for r in recs)
+  assert res["rows"][3]["overall"]["acc"] == pytest.approx(hits / 12)
+  sft = [json.loads(l) for l in open(os.path.join(run, "qa_data", "sft.jsonl"))]
+  assert len(sft) == 2 * 48 and sft[1]["messages"][0]["content"].startswith("Passages:\n")
+  assert sft[0]["messages"][1]["content"] == sft[1]["messages"][1]["content"]
+  held = {r["question"] for r in recs}
+  assert not held & {m["messages"][0]["content"] for m in sft}
+  report = open(os.path.join(run, "report.md")).read()
+  assert "| closed-book, greedy | 1 |" in report and "against closed-book, greedy" in report

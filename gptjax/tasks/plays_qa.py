@@ -191,6 +191,14 @@ def from_jsonable(d: dict) -> Question:
 # --------------------------------------------------------------------------------------------
 
 PASSAGES_HEADER = "Passages:"
+# Words every question of a kind shares: as query terms they favour short passages that happen
+# to hold "says" or "play" over the one that holds the quoted line or the character.
+TEMPLATE_WORDS = frozenset({"who", "says", "in", "which", "play", "does", "appear"})
+
+
+def retrieval_query(question: str) -> str:
+  """The retriever's query: the question's words without the templates' own."""
+  return " ".join(w for w in re.findall(r"\w+", question.lower()) if w not in TEMPLATE_WORDS)
 
 
 def closed_book_prompt(question: str) -> str:
