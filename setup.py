@@ -46,7 +46,7 @@ setup(
         # torch is pinned exactly: the CPU wheel of this version is what the tests were run with
         # (any other resolves to GBs of CUDA wheels). transformers and peft are the references
         # tests/test_hf.py compares the HF import and export against.
-        "test": ["torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17,<1", "lm-eval>=0.4.13,<0.5", "pytest>=8,<10", "jsonschema>=4.20,<5", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+        "test": ["torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17,<1", "lm-eval>=0.4.13,<0.5", "pytest>=8,<10", "pytest-xdist>=3.5,<4", "jsonschema>=4.20,<5", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     },
     entry_points={"console_scripts": ["gptjax=gptjax.main:main"]},
 )

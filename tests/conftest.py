@@ -2,8 +2,14 @@
 
 Most of a tiny model's test time on CPU is XLA compilation, and many tests (and their child
 processes) compile the very same programs. One compilation cache per pytest session, shared with
-every child through the environment, turns those repeats into disk reads. A cache hit returns the
-executable XLA would have built, so no result depends on it; a fresh session starts it empty.
+every child and every xdist worker through the environment, turns those repeats into disk reads. A
+cache hit returns the executable XLA would have built, so no result depends on it; a fresh session
+starts it empty.
+
+The suite runs in two xdist workers (pytest.ini): compilation and the Python around it use one
+core each, so two workers on CI's two cores take about half the time. The tests that read one
+session-wide run (the micro pipeline, the micro reasoning pipeline) are kept on one worker each
+(`pytest_collection_modifyitems` below), so no run is built twice.
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ import subprocess
 import sys
 import tempfile
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
+# The controller makes the directory before it starts the workers, which inherit its environment;
+# only the process that made it removes it.
+_OWN_CACHE = "GPTJAX_TEST_XLA_CACHE" not in os.environ
+if _OWN_CACHE:
+  os.environ["GPTJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
+_CACHE_DIR = os.environ["GPTJAX_TEST_XLA_CACHE"]
 # Set before jax is imported anywhere, so this process and every child read the same settings.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -35,7 +46,20 @@ MICRO = os.path.join(REPO, "experiments", "shakespeare_char.py") + ":micro"
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+  if _OWN_CACHE:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+# Session fixtures that build a whole run: every test that uses one goes to the same worker.
+_SHARED_RUNS = ("micro_pipeline", "micro_reasoning", "micro_run")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    for name in _SHARED_RUNS:
+      if name in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(name))
+        break
 
 
 def child_env(num_devices: int | None = None, **extra) -> dict:

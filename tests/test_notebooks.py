@@ -16,12 +16,18 @@ def test_notebooks_are_generated_from_the_script():
                        "04_rlhf.ipynb", "05_using_the_model.ipynb", "06_reasoning.ipynb"]
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+def _run_group(name):
+  # The session run a notebook reads; under xdist its notebooks share that run's worker.
+  return "micro_reasoning" if name == "06_reasoning.ipynb" else "micro_pipeline"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(_run_group(n)))
+                                  for n in NOTEBOOKS])
 def test_notebook_executes(name, request, monkeypatch):
   # The notebooks share the session's micro pipeline run, so they exercise their own cells
   # (plots, sampling, scoring) without training every stage again.
   monkeypatch.setenv("GPTJAX_NOTEBOOK_SMOKE", "1")
-  if name == "06_reasoning.ipynb":
+  if _run_group(name) == "micro_reasoning":
     # Its own recipe, run once per session and shared with tests/test_reasoning.py.
     monkeypatch.setenv("GPTJAX_REASONING_RUN_DIR", request.getfixturevalue("micro_reasoning"))
   else:
