@@ -197,6 +197,11 @@ def get_config(arg=None):
   c.seed = 0
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.stages = STAGES
+  # `--seeds 0,1,2` re-runs these per seed from the one pretrained base (the outcome RM and its
+  # data are shared: they are the verifier's proxy, not the method being compared), and the
+  # report pools the seeds' tables.
+  c.pipeline.seeds = ()
+  c.pipeline.seeded_stages = ("sft_direct", "sft_cot", "grpo_cot", "ppo_orm", "reason_eval")
   c.pipeline.stage_fns = {
       "task_data": "gptjax.reasoning:task_data_stage",
       "tokenizer": "gptjax.reasoning:tokenizer_stage",

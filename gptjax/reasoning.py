@@ -514,5 +514,10 @@ def evaluate_stage(cfg, run_dir: str, progress: bool = True) -> dict:
 
 
 def report_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  """The report card over the run and its extra seeds (`--seeds`), whose reason_eval.json each
+  give one run to the seed-pooled cells."""
   from gptjax import reasoning_report
-  return {"report": reasoning_report.write([run_dir], run_dir)}
+  from gptjax import stage_names
+  runs = [run_dir] + [d for d in stage_names.seed_dirs(run_dir).values()
+                      if os.path.exists(os.path.join(d, reasoning_report.RESULTS_FILE))]
+  return {"report": reasoning_report.write(runs, run_dir)}

@@ -135,6 +135,13 @@ def test_report_over_several_runs_uses_the_run_means(micro_reasoning, tmp_path):
   base = next(r for r in res["rows"] if r["method"] == "CoT, greedy")["overall"]["acc"]
   assert cell["runs"] == 2 and cell["acc"] == pytest.approx(base + 0.25)
   assert cell["lo"] < cell["acc"] < cell["hi"]
+  # The pipeline's report stage pools a run's extra seeds (<run>/seeds/<seed>) the same way.
+  seeds = tmp_path / "run0" / "seeds"
+  seeds.mkdir()
+  os.rename(runs[1], seeds / "1")
+  (seeds / "2").mkdir()            # a seed whose evaluation has not run yet is left out
+  text = open(reasoning.report_stage(None, runs[0])["report"]).read()
+  assert "2 training seeds" in text
 
 
 def test_findings_follow_the_intervals():
