@@ -10,9 +10,10 @@ reads the held-out validation loss at the end. The other fields are the pretrain
 run starts from; each run's length, warm-up and cosine decay follow its own token count.
 
 Presets:
-  tiny   3 budgets (5e10, 1.5e11, 5e11 FLOPs) x 5 sizes (15k-237k parameters) x 2 seeds, character
-         level, 1,024 tokens a step: 29 minutes on the shared 2-core host at load 8-11
-         (2026-12-02, benchmarks/RESULTS.md); not timed on an idle host.
+  tiny   3 budgets (5e10, 1.5e11, 5e11 FLOPs) x 7 sizes (4k-237k parameters) x 2 seeds, character
+         level, 1,024 tokens a step: 32 minutes on the 2-core host while it shared the cores
+         with two other runs (24 minutes of CPU; 2026-12-02, benchmarks/RESULTS.md); not timed
+         on an idle host.
   micro  2 budgets x 3 sizes x 1 seed, for the tests (seconds per run).
   gpu    GPT-2-style sizes from 4 layers x 256 to 12 x 768 (the 124M shape), budgets 3e15-3e16, a
          16k-token batch in bfloat16; written for one GPU and NOT YET MEASURED. The corpus is about
@@ -29,7 +30,10 @@ def get_config(arg=None):
   preset = arg or "tiny"
   c = base_config()
   c.scaling = ml_collections.ConfigDict(dict(
-      budgets=(5e10, 1.5e11, 5e11), sizes=("1x32", "2x32", "2x48", "2x64", "3x80"), seeds=(0, 1),
+      budgets=(5e10, 1.5e11, 5e11),
+      # From 4k to 237k parameters: the two smallest are there to bracket the optimum, which
+      # lies below 15k at these budgets (docs/report_scaling).
+      sizes=("1x16", "2x16", "1x32", "2x32", "2x48", "2x64", "3x80"), seeds=(0, 1),
       head_dim=16, warmup_fraction=0.1, max_warmup=100))
   c.model.update(activation="gelu_tanh")
   c.optim.update(lr=3e-3, min_lr_ratio=0.1)

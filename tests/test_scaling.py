@@ -34,8 +34,8 @@ def test_flops_formula_matches_xla_cost_analysis_for_the_swept_shapes():
   # layer and the step's total compares directly with the formula. XLA also counts the
   # elementwise work the formula leaves out on purpose (norms, GELU, softmax, the cross-entropy,
   # the SGD update): O(D + T·H) per token per layer against the formula's O(D² + T·D), so its
-  # share shrinks as 1/width. We allow 10%, as the model's own test does; at the narrowest swept
-  # width (32) it measured 7-8%, at 80 wide 3-4%. The analysis runs on the lowered step (2 s a
+  # share shrinks as 1/width. It measured 11-13% at the narrowest swept width (16), 7-8% at 32
+  # and 3-4% at 80. The analysis runs on the lowered step (2 s a
   # shape, against 15 s to compile each); the narrowest shape, where the omitted share is
   # largest, is also compiled, to check that XLA's optimised program counts the same.
   cfg = _cfg("tiny")
@@ -64,8 +64,11 @@ def test_flops_formula_matches_xla_cost_analysis_for_the_swept_shapes():
       xla = float(analysis["flops"]) / (b * t)
       excess.append((width, (xla - ours) / ours))
   for width, e in excess:
-    # The formula is a lower bound (it counts only the matmuls), and a close one.
-    assert 0 <= e < 0.10, (width, e, excess)
+    # The formula is a lower bound (it counts only the matmuls), and a close one: within 10%
+    # from 32 wide up, as the model's own test allows. At 16 wide the omitted O(D) work is twice
+    # the share it is at 32 (it measured 11-13%); the README and RESULTS.md say that the
+    # 16-wide runs of the sweep spend that much more real compute than their budget.
+    assert 0 <= e < (0.15 if width < 32 else 0.10), (width, e, excess)
   by_width = sorted(excess)
   assert by_width[0][1] > by_width[-1][1], by_width   # the omitted share shrinks with width
 
