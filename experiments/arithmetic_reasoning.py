@@ -11,6 +11,9 @@ directory):
     pretrain      the base model on the task's text (optionally mixed with Shakespeare)
     sft_direct    SFT to answer at once:           "#### 132"
     sft_cot       SFT to work the problem first:   "7+5=12 c1\\n4+8+1=13 c1\\n#### 132"
+    tool_data     the training problems with calculator calls (gptjax/tools.py)
+    sft_tool      SFT, from the same base, to call the calculator for each step:
+                  "<|tool_call|>85+47<|end|>" [the tool: "<|tool_result|>132<|end|>"] "#### 132"
     orm_data      CoT samples on training problems, labelled by the verifier
     orm           an outcome reward model (the Bradley–Terry RM on correct-vs-wrong pairs)
     grpo_cot      GRPO from the CoT model, reward = the verifier (`rl.reward=verifier:...`)
@@ -18,6 +21,7 @@ directory):
     reason_eval   every method on the same held-out problems (gptjax/reasoning.py)
     tot_eval      tree-of-thought search (beam, best-first) scored by the outcome RM, against
                   self-consistency at an equal token budget: rows added to reason_eval's table
+    tool_eval     sft_tool greedy with the calculator in its decode loop: one more table row
     report        the report card: <run>/report.md (gptjax/reasoning_report.py)
 
 Presets: `micro` (tests: seconds per stage, the numbers mean nothing) and `tiny` (2 CPU cores,
@@ -36,8 +40,9 @@ from . import rl as rl_exp
 from . import sft as sft_exp
 
 PRESETS = ("micro", "tiny")
-STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",
-          "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "report")
+STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "tool_data", "sft_tool",
+          "orm_data", "orm", "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "tool_eval",
+          "report")
 
 
 def task_data(preset: str) -> ml_collections.ConfigDict:
@@ -90,7 +95,9 @@ def pretrain_config(preset: str):
 def sft_config(preset: str, fmt: str):
   c = sft_exp.get_config(preset)
   model_size(c, preset)
-  c.data.source = "chat_jsonl:{run}/task_data/sft_" + fmt + ".jsonl"
+  # The tool format has a stage of its own (tool_data), so that finished runs can gain it.
+  data_dir = "tool_data" if fmt == "tool" else "task_data"
+  c.data.source = "chat_jsonl:{run}/" + data_dir + "/sft_" + fmt + ".jsonl"
   c.data.val_fraction = 0.05
   c.train.init_from = "{run}/pretrain"
   c.sft.update(eval_prompts=0 if preset == "micro" else 32, show_samples=4,
@@ -189,6 +196,13 @@ def tot_eval(preset: str):
   return c
 
 
+def tool_eval(preset: str):
+  # A tool transcript is short: a three-step word problem is ~50 tokens with its results.
+  return ml_collections.ConfigDict(dict(
+      policy="{run}/sft_tool", max_new_tokens=48 if preset == "micro" else 80, max_calls=8,
+      batch_size=64 if preset == "micro" else 512, seed=0))
+
+
 def get_config(arg=None):
   preset = arg or "tiny"
   if preset not in PRESETS:
@@ -208,17 +222,21 @@ def get_config(arg=None):
       "orm_data": "gptjax.reasoning:orm_data_stage",
       "reason_eval": "gptjax.reasoning:evaluate_stage",
       "tot_eval": "gptjax.search:tot_eval_stage",
+      "tool_data": "gptjax.reasoning:tool_data_stage",
+      "tool_eval": "gptjax.reasoning:tool_eval_stage",
       "report": "gptjax.reasoning:report_stage"}
   c.tokenizer = ml_collections.ConfigDict(dict(kind="char"))
   c.task_data = task_data(preset)
   c.pretrain = pretrain_config(preset)
   c.sft_direct = sft_config(preset, "direct")
   c.sft_cot = sft_config(preset, "cot")
+  c.sft_tool = sft_config(preset, "tool")
   c.orm_data = orm_data(preset)
   c.orm = orm_config(preset)
   c.grpo_cot = rl_config(preset, "grpo")
   c.ppo_orm = rl_config(preset, "ppo")
   c.reason_eval = reason_eval(preset)
   c.tot_eval = tot_eval(preset)
+  c.tool_eval = tool_eval(preset)
   c.distributed = common.base_config().distributed
   return c

@@ -11,7 +11,11 @@ task's files by configuration. What lives here:
     orm_data_stage    CoT samples of the SFT model on training problems, labelled correct or not
                       by the verifier: preference records for the reward stage (an outcome RM)
     evaluate_stage    every method on the same held-out problems: `reason_eval.json`
+    tool_data_stage   SFT chats in the `tool` format (calculator calls in the chain)
+    tool_eval_stage   the tool model, greedy, with the calculator in its decode loop: a row
+                      added to `reason_eval.json` (`add_rows`)
     sample            k completions per question from any policy, in fixed-shape batches
+    sample_with_tools greedy completions with a tool loop (`gptjax.tools`), by the engine
 
 The table is a list of rows {method, budget, per_band: {band: {acc, lo, hi, n}}, overall}; a new
 method (tools, constrained decoding, search, retrieval) is one more row made by `table_row` from
@@ -506,6 +510,99 @@ def training_curve(cfg, e, name: str, workdir: str, probs) -> list[dict]:
       point["train_reward"] = float(np.mean([x["rl/score"] for x in logged[:done]][-3:]))
     out.append(point)
   return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tools in the decode loop.
+# --------------------------------------------------------------------------------------------
+
+def tool_data_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  """`<run>/tool_data/sft_tool.jsonl`: the training problems in the `tool` format. A stage of its
+  own (not task_data's) so that a run finished before the format existed can gain it; the
+  run's tokenizer must encode every record (the format adds no character, so it does)."""
+  from gptjax.data.errors import DataError
+  probs = read_problems(_dir(run_dir, "task_data", "problems_train.jsonl"))
+  tok = tokenizers.load_tokenizer(_dir(run_dir, "tokenizer"))
+  recs = ar.sft_records(probs, "tool")
+  for i, r in enumerate(recs):
+    ids, _ = chat.render(r["messages"], tok)
+    if tok.unk_id in ids:
+      raise DataError(f"{_dir(run_dir, 'task_data', 'problems_train.jsonl')}:{i + 1}: field "
+                      "'question' has a character the run's tokenizer does not know")
+  out_dir = _dir(run_dir, "tool_data")
+  os.makedirs(out_dir, exist_ok=True)
+  ar.write_jsonl(os.path.join(out_dir, "sft_tool.jsonl"), recs)
+  calls = [sum("tool_call" in m for m in r["messages"]) for r in recs]
+  return {"records": len(recs), "calls": int(sum(calls)),
+          "without_calls": int(sum(c == 0 for c in calls))}
+
+
+def sample_with_tools(policy, questions, *, max_new_tokens: int, seed: int,
+                      batch_size: int = 256, max_calls: int = 8) -> dict:
+  """Greedy completions with the calculator in the decode loop (`tools.calculator_loop`), one per
+  question, by the continuous-batching engine. Prompts are grouped by width as in `sample`, so
+  each group gets the new tokens that fit beside its prompts. Returns {'texts' (readable
+  transcripts: calls as [calculator: EXPR = RESULT]), 'ids' (tool tokens included), 'calls'
+  [(expression, result)] per question, 'tool_tokens' per question, 'ended'}."""
+  from gptjax import engine, tools
+  model, params, tok = policy
+  loop = tools.calculator_loop(tok, max_calls=max_calls)
+  stops = chat.reply_stop_ids(tok)
+  rows = prompt_ids(questions, tok)
+  max_len = model.cfg.resolved().max_len
+  widths = [min(-(-len(p) // 16) * 16, max_len - 1) for p in rows]
+  too_long = [len(p) for p, w in zip(rows, widths) if len(p) > w]
+  if too_long:
+    raise ValueError(f"sample_with_tools: a prompt of {max(too_long)} tokens leaves no room in "
+                     f"max_len={max_len}")
+  ids, injected = [None] * len(rows), [0] * len(rows)
+  for g, width in enumerate(sorted(set(widths))):
+    members = [i for i, w in enumerate(widths) if w == width]
+    arr, lengths = sampling.pad_prompts([rows[i] for i in members], pad_id=tok.pad_id,
+                                        width=width)
+    stats = engine.EngineStats()
+    out = engine.generate(model, params, arr, lengths,
+                          rng=jax.random.fold_in(jax.random.key(seed), g),
+                          max_new_tokens=min(max_new_tokens, max_len - width), temperature=0.0,
+                          eos_ids=stops, pad_id=tok.pad_id, slots=min(batch_size, len(members)),
+                          tools=loop, stats=stats)
+    comp, n = jax.device_get((out.completion, out.lengths))
+    for j, i in enumerate(members):
+      ids[i] = [int(t) for t in np.asarray(comp[j])[:int(n[j])]]
+      injected[i] = sum(e - s for s, e in stats.tool_spans.get(j, []))
+  scripts = [tools.read_transcript(r, tok) for r in ids]
+  return {"texts": [t.text for t in scripts], "ids": ids, "calls": [t.calls for t in scripts],
+          "tool_tokens": injected, "ended": [bool(r) and r[-1] in stops for r in ids]}
+
+
+def tool_eval_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  """The tool model, greedy, with the calculator in its decode loop, on the held-out problems:
+  the row 'tool, greedy', beside reason_eval's 'CoT, greedy' (the same base, no tool)."""
+  from gptjax import pipeline
+  e = pipeline.with_run_dir(cfg.tool_eval.copy_and_resolve_references(), run_dir)
+  t0 = time.time()
+  probs = read_problems(_dir(run_dir, "task_data", "problems_heldout.jsonl"))
+  bands = [p.band for p in probs]
+  s = sample_with_tools(load_policy(e.policy), [p.question for p in probs],
+                        max_new_tokens=e.max_new_tokens, seed=e.seed, batch_size=e.batch_size,
+                        max_calls=e.max_calls)
+  v = [float(ar.is_correct(t, p.answer)) for t, p in zip(s["texts"], probs)]
+  calls = [len(c) for c in s["calls"]]
+  failed = sum(r.startswith("error") for c in s["calls"] for _, r in c)
+  as_many = sum(len(c) == len(ar.tool_steps(p)) for c, p in zip(s["calls"], probs))
+  stats = {"calls_per_problem": float(np.mean(calls)), "failed_calls": int(failed),
+           "problems_without_calls": int(sum(c == 0 for c in calls)),
+           "problems_with_as_many_calls_as_steps": int(as_many),
+           "tool_tokens_per_problem": float(np.mean(s["tool_tokens"])),
+           "ended": float(np.mean(s["ended"]))}
+  rows = [table_row("tool, greedy", 1, bands, v, family="tool",
+                    note=f"calculator in the decode loop; {stats['calls_per_problem']:.2f} calls "
+                         f"per problem, {failed} refused")]
+  add_rows(run_dir, "tool_eval", rows, traces={"tool, greedy": _traces(probs, s["texts"], v)},
+           timings={"tool_greedy_s": time.time() - t0})
+  print(f"[tool_eval] accuracy {np.mean(v):.3f}; {stats['calls_per_problem']:.2f} calls per "
+        f"problem, {failed} failed", flush=True)
+  return {"problems": len(probs), "accuracy": float(np.mean(v)), **stats}
 
 
 def evaluate_stage(cfg, run_dir: str, progress: bool = True) -> dict:

@@ -139,6 +139,9 @@ def findings(results, bands, train_bands) -> list[str]:
   if "grpo_cot, 1 sample" in names:
     claims.append(("grpo_cot, 1 sample", "CoT, 1 sample", "GRPO on the verifier's reward raises "
                    "one sample's accuracy"))
+  if "tool, greedy" in names:
+    claims.append(("tool, greedy", "CoT, greedy", "a calculator in the decode loop beats "
+                   "chain-of-thought without it"))
   if "ppo_orm, 1 sample" in names:
     claims.append(("ppo_orm, 1 sample", "CoT, 1 sample", "PPO against the outcome RM raises one "
                    "sample's accuracy"))

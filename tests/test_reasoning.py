@@ -13,8 +13,9 @@ from gptjax import reasoning, reasoning_report
 from gptjax.rl import rollout
 from gptjax.tasks import arithmetic as ar
 
-STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "orm_data", "orm",
-          "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "report")
+STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "tool_data", "sft_tool",
+          "orm_data", "orm", "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "tool_eval",
+          "report")
 
 
 def _jsonl(path):
@@ -33,7 +34,8 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
   methods = [r["method"] for r in res["rows"]]
   for m in ("direct, greedy", "CoT, greedy", "CoT, 1 sample", "self-consistency@4",
             "best-of-4, ORM", "best-of-4, oracle verifier", "grpo_cot, greedy",
-            "grpo_cot, 1 sample", "grpo_cot + self-consistency@2", "ppo_orm, 1 sample"):
+            "grpo_cot, 1 sample", "grpo_cot + self-consistency@2", "ppo_orm, 1 sample",
+            "tool, greedy"):
     assert m in methods, m
   for row in res["rows"]:
     for cell in [row["overall"], *row["per_band"].values()]:
@@ -67,6 +69,7 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
   assert "| CoT, greedy | 1 |" in report and "chain-of-thought beats a direct answer" in report
   assert "| tree search, beam 2x2, ORM |" in report and "generated tokens per problem" in report
   assert "beam tree search beats self-consistency at an equal token budget" in report
+  assert "| tool, greedy | 1 |" in report and "a calculator in the decode loop beats" in report
   for png in ("self_consistency.png", "rl_curves.png"):
     assert f"({png})" in report
     with open(os.path.join(run, png), "rb") as f:
@@ -79,6 +82,8 @@ def test_no_heldout_question_reaches_training(micro_reasoning):
   trained = set()
   for fmt in ("direct", "cot"):
     trained |= {r["messages"][0]["content"] for r in _jsonl(os.path.join(data, f"sft_{fmt}.jsonl"))}
+  trained |= {r["messages"][0]["content"]
+              for r in _jsonl(os.path.join(micro_reasoning, "tool_data", "sft_tool.jsonl"))}
   trained |= {r["prompt"] for r in _jsonl(os.path.join(data, "rl_prompts.jsonl"))}
   trained |= {r["prompt"] for r in _jsonl(os.path.join(micro_reasoning, "orm_data", "train.jsonl"))}
   pretrain = "".join(r["text"] for r in _jsonl(os.path.join(data, "pretrain_task.jsonl")))
@@ -101,6 +106,57 @@ def test_stages_start_from_each_other_and_grpo_trains_on_the_verifier(micro_reas
   assert recs and all(set(r["ranks"]) == {0, 1} for r in recs)
   assert all(ar.is_correct(x, ar.reference_answer(r["responses"][r["ranks"].index(1)]))
              for r in recs for x in [r["responses"][r["ranks"].index(1)]])
+
+
+def test_the_tool_model_trains_on_calls_and_is_evaluated_with_the_calculator(micro_reasoning):
+  run = micro_reasoning
+  cfg = json.load(open(os.path.join(run, "sft_tool", "config.json")))
+  assert cfg["train"]["init_from"] == os.path.join(run, "pretrain")      # the base of sft_cot
+  assert cfg["data"]["source"] == f"chat_jsonl:{run}/tool_data/sft_tool.jsonl"
+  probs = reasoning.read_problems(os.path.join(run, "task_data", "problems_train.jsonl"))
+  recs = _jsonl(os.path.join(run, "tool_data", "sft_tool.jsonl"))
+  assert [r["messages"] for r in recs] == [ar.messages(p, "tool") for p in probs]
+  assert sum("tool_call" in m for r in recs for m in r["messages"]) == sum(
+      len(ar.tool_steps(p)) for p in probs) > len(probs) / 2
+  res = json.load(open(os.path.join(run, "reason_eval.json")))
+  [row] = [r for r in res["rows"] if r.get("stage") == "tool_eval"]
+  heldout = reasoning.read_problems(os.path.join(run, "task_data", "problems_heldout.jsonl"))
+  assert row["method"] == "tool, greedy" and row["overall"]["n"] == len(heldout)
+  stats = json.load(open(os.path.join(run, "tool_eval", "done.json")))
+  assert set(stats) >= {"calls_per_problem", "failed_calls", "problems_without_calls", "accuracy"}
+  assert stats["accuracy"] == row["overall"]["acc"]
+  for t in res["traces"]["tool, greedy"]:
+    assert t["correct"] == ar.is_correct(t["output"], t["answer"])
+
+
+def test_a_finished_run_gains_the_tool_row_and_reuses_its_stages(micro_reasoning, tmp_path):
+  """A run whose reason_eval finished before tool_eval ran: the same command adds the row,
+  skips every finished stage (reason_eval too) and leaves the other rows as they were. (The
+  tool model is kept, so the test does not train it again; its stages only read files that
+  every earlier run has.)"""
+  import shutil
+  run = str(tmp_path / "old")
+  shutil.copytree(micro_reasoning, run, symlinks=True)
+  for stage in ("tool_eval", "report"):
+    shutil.rmtree(os.path.join(run, stage))
+  # As reason_eval wrote it, before the tool row was added.
+  path = os.path.join(run, "reason_eval.json")
+  res = json.load(open(path))
+  res["rows"] = [r for r in res["rows"] if r.get("stage") != "tool_eval"]
+  del res["traces"]["tool, greedy"], res["timings"]["tool_greedy_s"]
+  with open(path, "w") as f:
+    json.dump(res, f)
+  proc = subprocess.run(reasoning_cmd(run), env=child_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in STAGES:
+    done = f"[pipeline] {stage}: complete, skipping"
+    assert (done in proc.stdout) == (stage not in ("tool_eval", "report")), stage
+  old = json.load(open(os.path.join(micro_reasoning, "reason_eval.json")))
+  new = json.load(open(path))
+  # Every row as it was, and the tool row as the fresh run made it.
+  assert new["rows"] == old["rows"] and new["rows"][-1]["method"] == "tool, greedy"
+  assert "| tool, greedy | 1 |" in open(os.path.join(run, "report.md")).read()
 
 
 def test_the_verifier_is_an_rl_reward_by_configuration(tmp_path):

@@ -330,3 +330,12 @@ def test_chat_tools_flag_errors_are_one_line(monkeypatch, capsys):
                                 read_line=lambda _: "/quit", write=lambda s: None) == 2
   assert capsys.readouterr().err.startswith("gptjax chat: --repetition_penalty: not available "
                                             "with --tools")
+
+
+def test_the_reasoning_evaluation_samples_through_the_same_loop():
+  from gptjax import reasoning
+  policy = _scripted_policy("What is 347 * 86?")
+  s = reasoning.sample_with_tools(policy, ["What is 347 * 86?"], max_new_tokens=32, seed=0)
+  assert s["texts"] == ["[calculator: 347*86 = 29842]\n#### 29842"]
+  assert s["calls"] == [[("347*86", "29842")]] and s["tool_tokens"] == [8] and s["ended"] == [True]
+  assert ar.is_correct(s["texts"][0], 347 * 86)
