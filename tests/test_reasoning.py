@@ -41,7 +41,7 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
     for cell in [row["overall"], *row["per_band"].values()]:
       assert cell["n"] > 0 and cell["lo"] <= cell["acc"] <= cell["hi"], row["method"]
     # Tree search runs on the first problems of each band (tot_eval.problems_per_band = 3).
-    n = res["problems"] if not row.get("stage") else 3 * len(res["bands"])
+    n = 3 * len(res["bands"]) if row.get("stage") == "tot_eval" else res["problems"]
     assert sum(c["n"] for c in row["per_band"].values()) == row["overall"]["n"] == n
   # Tree search, each beside self-consistency and ORM best-of-k on as many generated tokens.
   tot = {r["method"]: r for r in res["rows"] if r.get("stage") == "tot_eval"}
