@@ -301,15 +301,28 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
       tokens = engine.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
                              max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id, tools=loop,
                              **controls)
+    # With tools, an exchange (the call, its result, the reply's reopening) is held back until it
+    # is complete and then shows as one piece, [calculator: EXPR = RESULT]: shown as it streams,
+    # its raw markers would render first and then be re-rendered.
+    if loop is not None:
+      opens, closes = tok.special_ids.get(tools.CALL), tok.special_ids.get(tools.ASSISTANT)
+    pending = False
+    now = ""
     for token in tokens:
       if loop is None and token in eos:
         break
       reply_ids.append(token)
+      if loop is not None:
+        pending = (pending or token == opens) and token != closes
+        if pending:
+          continue
       # Decode the whole reply each time: subword pieces can change how earlier text renders.
-      # With tools, calls and results show as [calculator: EXPR = RESULT].
       now = tok.decode(reply_ids) if loop is None else tools.read_transcript(reply_ids, tok).text
       write(now[len(shown):] if now.startswith(shown) else "\n" + now)
       shown = now
+    if pending:                         # the reply ran out inside an exchange: show what it has
+      now = tools.read_transcript(reply_ids, tok).text
+      write(now[len(shown):] if now.startswith(shown) else "\n" + now)
     write("\n")
     if loop is None:
       history.append({"role": "assistant", "content": chat.parse_reply(reply_ids, tok)})
