@@ -263,11 +263,9 @@ def model_expand(policy, prompt_ids: Sequence[Sequence[int]], *, branch: int, te
       for start in range(0, len(members), batch_size):
         chunk = members[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        arr = np.full((batch_size, width), tok.pad_id, np.int32)
-        for j, i in enumerate(padded):
-          arr[j, :len(rows[i])] = rows[i]
-        res = sampling.generate(model, params, arr,
-                                np.asarray([len(rows[i]) for i in padded], np.int32),
+        arr, lengths = sampling.pad_prompts([rows[i] for i in padded], pad_id=tok.pad_id,
+                                            rows=batch_size, width=width)
+        res = sampling.generate(model, params, arr, lengths,
                                 rng=jax.random.fold_in(key, b), max_new_tokens=new,
                                 temperature=temperature, eos_ids=stops + tuple(end_ids),
                                 pad_id=tok.pad_id)
