@@ -179,21 +179,24 @@ def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int
   max_len = model.cfg.resolved().max_len
   # Rows are grouped by prompt width (rounded up to `width_bucket`), so a long word problem does not take
   # the room a short multiplication needs for its long chain: each group gets the new tokens
-  # that fit beside its own prompts. One batch shape per (batch_size, width) (short groups are
-  # padded with copies), so calls over different question sets reuse compiled programs.
+  # that fit beside its own prompts. Short groups are padded with copies to a power of two, so
+  # calls over different question sets reuse a few compiled programs.
   widths = [min(-(-len(p) // width_bucket) * width_bucket, max_len - 1) for p in rows]
   too_long = [len(p) for p, w in zip(rows, widths) if len(p) > w]
   if too_long:
     raise ValueError(f"sample: a prompt of {max(too_long)} tokens leaves no room in "
                      f"max_len={max_len}")
-  bs = batch_size
   ids, lengths, ended = [None] * len(rows), [0] * len(rows), [False] * len(rows)
   b = 0
   for width in sorted(set(widths)):
     members = [i for i, w in enumerate(widths) if w == width]
     new = min(max_new_tokens, max_len - width)
-    for start in range(0, len(members), bs):
-      chunk = members[start:start + bs]
+    for start in range(0, len(members), batch_size):
+      chunk = members[start:start + batch_size]
+      # A chunk smaller than batch_size is padded only to the next power of two (at least 8):
+      # padding a 60-row group to 512 decoded 8x the rows (the tiny run's greedy rows spent
+      # most of their time on copies). Powers of two keep the compiled shapes few.
+      bs = min(batch_size, max(8, 1 << (len(chunk) - 1).bit_length()))
       chunk = chunk + [chunk[-1]] * (bs - len(chunk))
       arr = np.full((bs, width), tok.pad_id, np.int32)
       for j, i in enumerate(chunk):
@@ -205,7 +208,7 @@ def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int
                               pad_id=tok.pad_id)
       b += 1
       comp, mask = jax.device_get((out.completion, out.completion_mask))
-      for j, i in enumerate(members[start:start + bs]):
+      for j, i in enumerate(members[start:start + batch_size]):
         row = [int(t) for t in np.asarray(comp[j])[np.asarray(mask[j]) > 0]]
         ids[i], lengths[i] = row, len(row)
         ended[i] = bool(row) and row[-1] in stops

@@ -303,6 +303,12 @@ def test_sample_groups_prompts_by_width_and_is_reproducible():
   assert max(a["lengths"][1]) <= 16 < max(a["lengths"][0]) <= 32
   with pytest.raises(ValueError, match="no room"):
     reasoning.sample(policy, ["x" * 60], n=1, temperature=1.0, max_new_tokens=4, seed=0)
+  # Greedy chains do not depend on how rows are chunked or padded: chunks of 2 (the last
+  # padded with a copy) against one chunk of 5 padded to 8.
+  qs5 = ["hi", "ab", "what is twelve plus six?", "c", "d e"]
+  greedy = [reasoning.sample(policy, qs5, n=1, temperature=0.0, max_new_tokens=12, seed=0,
+                             batch_size=bs)["ids"] for bs in (2, 64)]
+  assert greedy[0] == greedy[1]
 
 
 def test_a_later_stage_adds_rows_and_keeps_the_others(tmp_path):
