@@ -28,6 +28,8 @@ def main(argv=None) -> int:
   p.add_argument("--pretrain_steps", type=int, default=200)
   p.add_argument("--sft_steps", type=int, default=100)
   p.add_argument("--per_band", type=int, default=24)
+  p.add_argument("--set", action="append", default=[],
+                 help="a further override of the tiny preset, e.g. pretrain.model.num_layers=6")
   args = p.parse_args(argv)
   from gptjax import config, pipeline, reasoning
   from gptjax.tasks import arithmetic as ar
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         f"sft_cot.train.steps={args.sft_steps}",
         f"sft_cot.train.eval_every={args.sft_steps}",
         f"sft_cot.train.checkpoint_every={args.sft_steps}",
-        "sft_cot.sft.eval_prompts=0"])
+        "sft_cot.sft.eval_prompts=0"] + args.set)
     t0 = time.time()
     assert pipeline.run(cfg, run, progress=False) == 0
     probs = reasoning.read_problems(os.path.join(run, "task_data", "problems_validation.jsonl"))
