@@ -6,10 +6,12 @@
     gptjax chat --workdir W --tools calculator     # the model may call the calculator mid-reply
     gptjax sample --workdir W --prompt "Q: 2+2?\nA: " --regex "[0-9]+"       # constrained
     gptjax sample --workdir W --prompt "..." --json_schema schema.json        # or inline JSON
+    gptjax sample --workdir W --chat --prompt "What is 347 * 86?" --tools calculator
 
 Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and call
-`sampling.generate` / `sampling.stream`; with `--tools`, chat streams from the engine's tool loop
-(`engine.stream` with `tools.loop_for`), the loop the reasoning evaluation measures.
+`sampling.generate` / `sampling.stream`; with `--tools`, they decode through the engine's tool loop
+(`engine.generate` / `engine.stream` with `tools.loop_for`), the loop the reasoning evaluation
+measures, and a call shows as `[calculator: EXPR = RESULT]`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,35 @@ def check_args(args) -> None:
   for flag, ok, expected in rules:
     if not ok:
       raise UsageError(f"--{flag}: expected {expected}, got {getattr(args, flag)!r}")
+
+
+def _check_tools(args, **given) -> None:
+  """Before anything loads: --tools names a known tool, and no option the engine's tool loop lacks
+  comes with it (`given`: option name -> whether the user set it), each refused in one line
+  rather than silently ignored."""
+  if not args.tools:
+    return
+  if args.tools != "calculator":
+    raise UsageError(f"--tools: expected calculator, got {args.tools!r}")
+  for flag, why in (("repetition_penalty", "the tool loop runs in the continuous-batching "
+                     "engine, which has no repetition penalty"),
+                    ("stop", "the engine's tool loop ends a reply at its stop token only"),
+                    ("regex", "the tool's result, written by the host, is outside any pattern"),
+                    ("json_schema", "the tool's result, written by the host, is outside any "
+                     "pattern")):
+    if given.get(flag):
+      raise UsageError(f"--{flag}: not available with --tools ({why})")
+
+
+def _tools_loop(args, tok):
+  """The engine.ToolLoop of --tools, or None without it."""
+  if not args.tools:
+    return None
+  from gptjax import tools
+  try:
+    return tools.loop_for(args.tools, tok)
+  except ValueError as e:             # a tokenizer without gptjax's chat template
+    raise UsageError(f"--tools: {e}") from None
 
 
 def _load(workdir: str, step):
@@ -121,14 +152,20 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   p.add_argument("--json_schema", default=None,
                  help="constrain every sample to JSON valid for this schema: a file, or the "
                  "schema's JSON itself")
+  p.add_argument("--tools", default="", metavar="NAME",
+                 help="a tool the model may call inside its reply, run on the host between "
+                 "decode steps: calculator (integer arithmetic)")
   args = p.parse_args(argv)
   check_args(args)
+  _check_tools(args, repetition_penalty=args.repetition_penalty != 1.0, stop=bool(args.stop),
+               regex=args.regex is not None, json_schema=args.json_schema is not None)
   pattern = _constraint_pattern(args)
 
   import numpy as np
   from gptjax import prompting, sampling
 
   model, params, tok, _ = _load(args.workdir, args.step)
+  loop = _tools_loop(args, tok)
   if args.chat:
     from gptjax.data import chat
     ids = chat.render_prompt(args.prompt, tok)
@@ -154,14 +191,27 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
       constraints.check_budget(constraint.automaton, new)
     except (constraints.ConstraintError, ValueError) as e:
       raise UsageError(f"{flag}: {e}") from None
-  out = sampling.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
-                          eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id,
-                          constraint=constraint, **_controls(args))
+  if loop is None:
+    out = sampling.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
+                            eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id,
+                            constraint=constraint, **_controls(args))
+  else:
+    # The samples are the engine's rows: each calls, waits and goes on by itself (chat's loop).
+    from gptjax import engine, tools
+    controls = {k: v for k, v in _controls(args).items() if k != "repetition_penalty"}
+    out = engine.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
+                          eos_ids=eos, pad_id=tok.pad_id, tools=loop, **controls)
   completion, lengths = np.asarray(out.completion), np.asarray(out.lengths)
   for i in range(args.num_samples):
     ids = [t for t in completion[i, :lengths[i]] if t not in eos]
-    # A constrained sample is shown as the text the pattern matched (see Constraint.text).
-    text = constraint.text(ids) if constraint is not None else tok.decode(ids)
+    if loop is not None:
+      # Calls and results show as chat shows them, [calculator: EXPR = RESULT]; the transcript
+      # needs the turn markers, so it reads the ids as they came.
+      text = tools.read_transcript(completion[i, :lengths[i]], tok).text
+    elif constraint is not None:
+      text = constraint.text(ids)     # the text the pattern matched (see Constraint.text)
+    else:
+      text = tok.decode(ids)
     text = prompting.truncate_at_stop(text, args.stop)
     if args.chat:
       # The prompt was a user turn and the text is the model's reply: two turns, not one text.
@@ -215,11 +265,7 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
                  "decode steps: calculator (integer arithmetic)")
   args = p.parse_args(argv)
   check_args(args)
-  if args.tools and args.tools != "calculator":
-    raise UsageError(f"--tools: expected calculator, got {args.tools!r}")
-  if args.tools and args.repetition_penalty != 1.0:
-    raise UsageError("--repetition_penalty: not available with --tools (the tool loop runs in the "
-                     "continuous-batching engine, which has no repetition penalty)")
+  _check_tools(args, repetition_penalty=args.repetition_penalty != 1.0)
   if write is None:
     def write(s):
       sys.stdout.write(s)
@@ -232,13 +278,9 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
   model, params, tok, _ = _load(args.workdir, args.step)
   cfg = model.cfg.resolved()
   eos = tuple(chat.reply_stop_ids(tok))
-  loop = None
-  if args.tools:
+  loop = _tools_loop(args, tok)
+  if loop is not None:
     from gptjax import engine, tools
-    try:
-      loop = tools.loop_for(args.tools, tok)
-    except ValueError as e:
-      raise UsageError(f"--tools: {e}") from None
   new = args.max_new_tokens
   if cfg.positional == "learned":
     # Half the window by default, so a few turns of history fit beside the reply.

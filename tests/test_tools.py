@@ -332,6 +332,51 @@ def test_chat_tools_flag_errors_are_one_line(monkeypatch, capsys):
                                             "with --tools")
 
 
+def test_sample_with_the_calculator_prints_each_rows_exchange(monkeypatch):
+  from gptjax import checkpoint, generate_cli
+  model, params, tok = _scripted_policy("What is 347 * 86?")
+  monkeypatch.setattr(checkpoint, "load_for_inference",
+                      lambda workdir, step=None: (model, params, tok, None))
+  out = []
+  assert generate_cli.sample_main(["--workdir", "unused", "--chat", "--prompt", "What is 347 * 86?",
+                                   "--tools", "calculator", "--temperature", "0",
+                                   "--num_samples", "2"], write=out.append) == 0
+  # Both rows call at the same step and each gets the tool's digits (the model writes 00000).
+  reply = "user> What is 347 * 86?\nmodel> [calculator: 347*86 = 29842]\n#### 29842\n"
+  assert "".join(out) == f"--- sample 1/2\n{reply}--- sample 2/2\n{reply}"
+  # A raw prompt (the same text, template markers written out) goes through the same loop.
+  raw = tok.decode(chat.render_prompt("What is 347 * 86?", tok)[1:])
+  out = []
+  assert generate_cli.sample_main(["--workdir", "unused", "--prompt", raw, "--tools", "calculator",
+                                   "--temperature", "0"], write=out.append) == 0
+  assert "".join(out) == f"--- sample 1/1\n{raw}[calculator: 347*86 = 29842]\n#### 29842\n"
+  # Without --tools the sample ends at the call's end of turn, as before.
+  out = []
+  assert generate_cli.sample_main(["--workdir", "unused", "--chat", "--prompt", "What is 347 * 86?",
+                                   "--temperature", "0"], write=out.append) == 0
+  assert "".join(out).endswith("model> <|tool_call|>347*86\n")
+
+
+@pytest.mark.parametrize("flags, err", [
+    (["--tools", "python"], "--tools: expected calculator, got 'python'"),
+    (["--tools", "calculator", "--stop", "#"],
+     "--stop: not available with --tools (the engine's tool loop ends a reply at its stop token "
+     "only)"),
+    (["--tools", "calculator", "--regex", "[0-9]+"],
+     "--regex: not available with --tools (the tool's result, written by the host, is outside "
+     "any pattern)"),
+    (["--tools", "calculator", "--repetition_penalty", "1.3"],
+     "--repetition_penalty: not available with --tools (the tool loop runs in the "
+     "continuous-batching engine, which has no repetition penalty)")])
+def test_sample_tools_flag_errors_are_one_line(monkeypatch, capsys, flags, err):
+  from gptjax import checkpoint, generate_cli
+  # Refused before anything loads.
+  monkeypatch.setattr(checkpoint, "load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+  assert generate_cli.sample_main(["--workdir", "unused", "--prompt", "x", *flags],
+                                  write=lambda s: None) == 2
+  assert capsys.readouterr().err == f"gptjax sample: {err}\n"
+
+
 def test_the_reasoning_evaluation_samples_through_the_same_loop():
   from gptjax import reasoning
   policy = _scripted_policy("What is 347 * 86?")
