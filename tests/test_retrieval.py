@@ -104,7 +104,10 @@ def test_bm25_finds_the_line_it_is_asked_about(corpus):
   bm = prompting.BM25([p.render() for p in passages])
   qs = [q for q in qa.generate(passages, ["who-says"], 50, split="heldout", seed=0)]
   top1 = [bm.top_k(qa.retrieval_query(q.question), 1)[0][0] in q.gold for q in qs]
-  assert sum(top1) >= 40
+  # Measured 2026-12-02: 50 of 50 ranked first (and 50 of 50 with seeds 1 and 2). The margin of
+  # 2 leaves room for a tie between near-identical short lines breaking the other way after a
+  # change in tokenising or scoring; more misses than that is a retrieval regression.
+  assert sum(top1) >= 48, sum(top1)
 
 
 def test_the_micro_pipeline_answers_both_ways_and_reports(tmp_path):
