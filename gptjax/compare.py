@@ -100,8 +100,9 @@ def best_of_n_curve(sft, *, scorer, ns, prompts, reference=None, progress: str =
   del reference                              # the KL of best-of-N is analytic
   n_max = max(ns)
   repeated = [p for p in prompts for _ in range(n_max)]
+  # On the engine: of n_max replies to a prompt, most end long before the longest.
   res = evaluation.evaluate_policy(sft, prompts=repeated, scorer=scorer, label="best-of-N",
-                                   num_samples=len(repeated), progress=progress,
+                                   num_samples=len(repeated), progress=progress, engine=True,
                                    **sampling_settings)
   reps = res["samples"]
   gold = np.asarray([r["gold"] for r in reps]).reshape(len(prompts), n_max)

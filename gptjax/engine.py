@@ -29,7 +29,8 @@ Log-probs are those of the raw logits at the sampling temperature, before top-k/
 `sampling` (the trainer recomputes the same with a plain forward). A constraint
 (`constraints.py`) is followed per row: each row's automaton state starts at admission and
 travels with the row through refills and compaction. Not supported here: the
-repetition penalty and stop sequences (`sampling.generate` has them).
+repetition penalty and stop sequences (`sampling.generate` has them); `supports` says when a
+caller must fall back to it.
 
 Tools (`tools=ToolLoop(...)`, e.g. `gptjax.tools.calculator_loop(tok)`). A row that samples one of
 the loop's trigger ids pauses, and the chunk ends after that step (every row has then taken the
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import sampling
+from gptjax import sharding as shd
 from gptjax.losses.common import token_logprobs
 from gptjax.model import init_cache
 
@@ -274,18 +276,30 @@ class EngineStats:
   tool_spans: dict = dataclasses.field(default_factory=dict)
 
 
+def supports(*, repetition_penalty: float = 1.0, stop_sequences: Sequence = (),
+             params=None) -> bool:
+  """Whether the engine can decode with these controls and these parameters. Callers decode with
+  `sampling` when it cannot, and their docs say when that is: the engine has no repetition
+  penalty and no stop sequences, and its host-driven loop needs `params` whole on this process
+  (`sharding.is_process_local`: always on one process; on several, when they are replicated),
+  since it reads each row's state back between chunks."""
+  return (float(repetition_penalty) == 1.0 and not any(len(s) for s in stop_sequences)
+          and (params is None or shd.is_process_local(params)))
+
+
 def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, slots: int = 64, chunk: int = 16,
-             tools: ToolLoop | None = None,
-             stats: EngineStats | None = None, constraint=None) -> sampling.SampleOutput:
+             tools: ToolLoop | None = None, stats: EngineStats | None = None, constraint=None,
+             first_request: int = 0) -> sampling.SampleOutput:
   """Samples one completion per prompt (right-padded [N,P] int32) with continuous batching.
 
   `slots` rows decode at once; `chunk` steps run between host checks (fewer wasted steps on
   finished rows against more host round trips). `tools`: a `ToolLoop` answered between decode
   steps. Returns the same `SampleOutput` as `sampling.generate`, rows in the order of `prompts`.
   `rng`: a key or an int seed. `constraint`: as in `sampling.generate`; each row follows the
-  automaton from its admission.
+  automaton from its admission. `first_request`: row i draws as request first_request + i, so
+  a batch split into parts (e.g. one per process) draws what it draws in one call.
   """
   prompts = np.asarray(jax.device_get(prompts), np.int32)
   lengths = np.asarray(jax.device_get(prompt_lengths), np.int32)
@@ -293,7 +307,7 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
   run = _Run(model, params, prompts, lengths, rng=rng, max_new_tokens=max_new_tokens,
              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids,
              pad_id=pad_id, slots=slots, chunk=chunk, tools=tools, stats=stats,
-             constraint=constraint)
+             constraint=constraint, first_request=first_request)
   for _ in run.chunks():
     pass
   c = run.c
@@ -348,7 +362,7 @@ class _Run:
 
   def __init__(self, model, params, prompts, lengths, *, rng, max_new_tokens, temperature,
                top_k, top_p, min_p, eos_ids, pad_id, slots, chunk, tools, stats,
-               constraint=None):
+               constraint=None, first_request: int = 0):
     n, p = prompts.shape
     if int(pad_id) in [int(e) for e in eos_ids]:
       raise ValueError(f"sampling.pad_id: {pad_id} is also an EOS id; pad must differ from EOS")
@@ -358,7 +372,10 @@ class _Run:
       raise ValueError("engine.tools: a ToolLoop needs trigger ids and max_tokens > 0")
     c = EngineControls(max_new_tokens=int(max_new_tokens), prompt_width=p,
                        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                       min_p=float(min_p), pad_id=int(pad_id), chunk=int(chunk),
+                       min_p=float(min_p), pad_id=int(pad_id),
+                       # A row needs at most max_new_tokens - 1 decode steps after admission, so
+                       # a longer chunk would only run finished rows.
+                       chunk=max(1, min(int(chunk), int(max_new_tokens) - 1)),
                        tool_tokens=int(tools.max_tokens) if tools is not None else 0)
     sampling.SamplingControls(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                               top_k=c.top_k, top_p=c.top_p, min_p=c.min_p).validate()
@@ -368,7 +385,13 @@ class _Run:
         max_new_tokens=c.max_new_tokens), model.cfg.resolved().vocab_size)
     eos, _ = sampling.stop_arrays(eos_ids, ())
     trig, _ = sampling.stop_arrays(tools.trigger_ids if tools is not None else (), ())
+    if not shd.is_process_local(params):
+      raise ValueError("engine: the parameters are split across processes; the engine decodes "
+                       "on one process at a time (engine.supports(params=...) says so first)")
+    # Replicated over several processes: this process's copy, so every program stays local.
+    params = shd.process_local(params)
     self.model, self.params, self.prompts, self.lengths = model, params, prompts, lengths
+    self.first_request = int(first_request)
     self.c, self.tools = c, tools
     self.eos_list = [int(e) for e in eos_ids]
     self.eos, self.trig = jnp.asarray(eos), jnp.asarray(trig)
@@ -392,8 +415,8 @@ class _Run:
     req[:len(take)] = take
     cache, rows = _admit(self.model, self.params, cache, rows, jnp.asarray(idx),
                          jnp.asarray(self.prompts[req]), jnp.asarray(self.lengths[req]),
-                         jnp.asarray(req), clock, self.rng, self.eos, self.trig, self.c,
-                         self.automaton)
+                         jnp.asarray(req + self.first_request), clock, self.rng, self.eos,
+                         self.trig, self.c, self.automaton)
     for s, q in zip(free, take):
       owner[s] = q
     self.stats.admitted += len(take)

@@ -10,6 +10,7 @@ with `checkpoint.load_for_inference`, whatever stage wrote it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterable, Mapping
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import engine as engine_lib
 from gptjax import metrics as metrics_lib
 from gptjax import sampling
 from gptjax import sharding as shd
@@ -77,13 +79,17 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
                     temperature: float = 0.7, prompt_len: int = 32, seed: int = 1234,
                     best_of: int = 1, scorer=None, batch_size: int = 64,
                     out_dir: str | None = None, label: str = "", num_samples: int = 16,
-                    progress: str = "") -> dict:
+                    progress: str = "", engine: bool | None = None) -> dict:
   """Samples one reply per held-out prompt and measures it against the gold labeler.
 
   policy, reference: a workdir or (model, params[, tokenizer]); the reference (SFT) gives the
   KL estimate E[Σ_t log π − log π_ref] over the policy's own samples at `temperature`.
   best_of > 1 draws that many replies per prompt and keeps the one `scorer` (e.g. the RM's
   RewardScorer via rollout.TokenScorer) likes best; its KL to the sampler is the analytic log n − (n−1)/n.
+  engine: decode with the continuous-batching engine (`gptjax/engine.py`) wherever
+  `engine.supports` the parameters (whole on each process); None means "for best_of > 1", where
+  most of a batch's rows finish long before its longest. Greedy, both decoders agree; sampled,
+  the engine's draws are its own (per-request keys).
   With a scorer, the kept replies' mean score is reported too (`proxy_mean`: the RM's view beside
   the gold's, which is how over-optimisation shows).
   With several processes and networks whole on each, every process samples its share of the
@@ -102,6 +108,7 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
   eos = chat.reply_stop_ids(tok)
   key = jax.random.key(seed)
   starts = list(range(0, len(ids), batch_size))
+  use_engine = best_of > 1 if engine is None else engine
 
   def one_batch(networks, b):
     """Completion ids, mask and KL of the kept reply of each prompt in batch b, padded to
@@ -110,9 +117,12 @@ def evaluate_policy(policy, *, prompts, reference=None, max_new_tokens: int = 32
     scorer_b = scorer if scorer_params is None else scorer.with_params(scorer_params)
     start = starts[b]
     rows = np.repeat(np.arange(start, min(start + batch_size, len(ids))), best_of)
-    out = sampling.generate(model, params, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]),
-                            rng=jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
-                            temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
+    sample = sampling.generate
+    if use_engine and engine_lib.supports(params=params):
+      sample = functools.partial(engine_lib.generate, slots=len(rows))
+    out = sample(model, params, jnp.asarray(ids[rows]), jnp.asarray(lengths[rows]),
+                 rng=jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
+                 temperature=temperature, eos_ids=eos, pad_id=tok.pad_id)
     comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
     pick = np.arange(len(rows))
     kl = np.zeros(len(rows), np.float32)

@@ -8,10 +8,13 @@
     gptjax sample --workdir W --prompt "..." --json_schema schema.json        # or inline JSON
     gptjax sample --workdir W --chat --prompt "What is 347 * 86?" --tools calculator
 
-Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and call
-`sampling.generate` / `sampling.stream`; with `--tools`, they decode through the engine's tool loop
-(`engine.generate` / `engine.stream` with `tools.loop_for`), the loop the reasoning evaluation
-measures, and a call shows as `[calculator: EXPR = RESULT]`.
+Both are thin: they parse flags, load the workdir with `checkpoint.load_for_inference`, and
+decode with the continuous-batching engine (`engine.generate` / `engine.stream`, constraints
+included), the one RL rollouts and best-of-N use; with `--tools` through its tool loop
+(`tools.loop_for`), the loop the reasoning evaluation measures, and a call shows as
+`[calculator: EXPR = RESULT]`. A repetition penalty or `--stop` strings, which the engine lacks
+(`engine.supports`), decode with `sampling.generate` / `sampling.stream` instead (with `--tools`
+they are refused).
 """
 
 from __future__ import annotations
@@ -162,10 +165,12 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   pattern = _constraint_pattern(args)
 
   import numpy as np
-  from gptjax import prompting, sampling
+  from gptjax import engine, prompting, sampling
 
   model, params, tok, _ = _load(args.workdir, args.step)
   loop = _tools_loop(args, tok)
+  if loop is not None:
+    from gptjax import tools
   if args.chat:
     from gptjax.data import chat
     ids = chat.render_prompt(args.prompt, tok)
@@ -191,16 +196,18 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
       constraints.check_budget(constraint.automaton, new)
     except (constraints.ConstraintError, ValueError) as e:
       raise UsageError(f"{flag}: {e}") from None
-  if loop is None:
+  controls = _controls(args)
+  if engine.supports(repetition_penalty=args.repetition_penalty, stop_sequences=stops):
+    # One slot per sample; sample i draws with its own keys (fold_in(seed, i)), so it does not
+    # depend on --num_samples. With tools each sample calls, waits and goes on by itself.
+    del controls["repetition_penalty"]
+    out = engine.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
+                          eos_ids=eos, pad_id=tok.pad_id, constraint=constraint, tools=loop,
+                          slots=args.num_samples, **controls)
+  else:
     out = sampling.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
                             eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id,
-                            constraint=constraint, **_controls(args))
-  else:
-    # The samples are the engine's rows: each calls, waits and goes on by itself (chat's loop).
-    from gptjax import engine, tools
-    controls = {k: v for k, v in _controls(args).items() if k != "repetition_penalty"}
-    out = engine.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
-                          eos_ids=eos, pad_id=tok.pad_id, tools=loop, **controls)
+                            constraint=constraint, **controls)
   completion, lengths = np.asarray(out.completion), np.asarray(out.lengths)
   for i in range(args.num_samples):
     ids = [t for t in completion[i, :lengths[i]] if t not in eos]
@@ -254,9 +261,10 @@ CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets a syste
 @_reports_usage_errors
 def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
               write: Callable[[str], object] = None) -> int:
-  """An interactive chat. Each reply is sampled token by token (`sampling.stream`) and printed as
-  it comes; the conversation is re-rendered through the chat template every turn, dropping the
-  oldest turns when it no longer fits the model's window."""
+  """An interactive chat. Each reply is sampled token by token (`engine.stream`, or
+  `sampling.stream` with a repetition penalty) and printed as it comes; the conversation is
+  re-rendered through the chat template every turn, dropping the oldest turns when it no longer
+  fits the model's window."""
   p = argparse.ArgumentParser(prog="gptjax chat", description="Chat with a trained model.")
   _add_controls(p, temperature=0.7, max_new_tokens=256)
   p.add_argument("--system", default="", help="a system message to start with")
@@ -272,7 +280,7 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
       sys.stdout.flush()
 
   import jax
-  from gptjax import sampling
+  from gptjax import engine, sampling
   from gptjax.data import chat
 
   model, params, tok, _ = _load(args.workdir, args.step)
@@ -280,7 +288,7 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
   eos = tuple(chat.reply_stop_ids(tok))
   loop = _tools_loop(args, tok)
   if loop is not None:
-    from gptjax import engine, tools
+    from gptjax import tools
   new = args.max_new_tokens
   if cfg.positional == "learned":
     # Half the window by default, so a few turns of history fit beside the reply.
@@ -334,15 +342,16 @@ def chat_main(argv=None, *, read_line: Callable[[str], str] = input,
     write("model> ")
     reply_ids: list[int] = []
     shown = ""
-    if loop is None:
-      tokens = sampling.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
-                               max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id,
-                               **_controls(args))
-    else:
-      controls = {k: v for k, v in _controls(args).items() if k != "repetition_penalty"}
+    controls = _controls(args)
+    if engine.supports(repetition_penalty=args.repetition_penalty):
+      # Request 0 of engine.generate's keys, so a streamed reply equals the batched one.
+      del controls["repetition_penalty"]
       tokens = engine.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
                              max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id, tools=loop,
                              **controls)
+    else:
+      tokens = sampling.stream(model, params, ids, rng=jax.random.fold_in(key, turn),
+                               max_new_tokens=new, eos_ids=eos, pad_id=tok.pad_id, **controls)
     # With tools, an exchange (the call, its result, the reply's reopening) is held back until it
     # is complete and then shows as one piece, [calculator: EXPR = RESULT]: shown as it streams,
     # its raw markers would render first and then be re-rendered.

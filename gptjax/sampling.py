@@ -583,10 +583,14 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], *, pad_id: int, rows: int |
 def sample_replies(model, params, prompt_ids: Sequence[Sequence[int]], *, seed: int,
                    max_new_tokens: int, pad_id: int, eos_ids: Sequence[int],
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   batch_size: int = 256, progress: str = ""
+                   batch_size: int = 256, progress: str = "", engine: bool = False
                    ) -> tuple[list[list[int]], np.ndarray]:
   """One completion per prompt. Returns (completion ids, the stop token included; did it end [N]).
-  `progress`: the label of a console bar over the batches ("" = none).
+  `progress`: the label of a console bar over the batches ("" = none). `engine`: decode each
+  batch with the continuous-batching engine (`gptjax/engine.py`: a finished row stops costing,
+  which matters for best-of-N, where most rows end long before the longest), wherever
+  `engine.supports` the parameters (whole on each process); its draws differ from this module's
+  for the same seed, and greedy they are equal.
 
   Prompts are padded to one width and batches to one size, so the sampler compiles once; batch b
   samples with fold_in(key(seed), b), so a reply does not depend on what else is sampled in the
@@ -601,9 +605,14 @@ def sample_replies(model, params, prompt_ids: Sequence[Sequence[int]], *, seed: 
   def one_batch(params, b):
     arr, lengths = pad_prompts(prompt_ids[b * rows:(b + 1) * rows], pad_id=pad_id, rows=rows,
                                width=width)
-    out = generate(model, params, arr, lengths, rng=jax.random.fold_in(jax.random.key(seed), b),
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_ids=stops, pad_id=pad_id)
+    sample = generate
+    if engine:
+      from gptjax import engine as engine_lib      # the engine builds on this module
+      if engine_lib.supports(params=params):
+        sample = functools.partial(engine_lib.generate, slots=rows)
+    out = sample(model, params, arr, lengths, rng=jax.random.fold_in(jax.random.key(seed), b),
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, eos_ids=stops, pad_id=pad_id)
     got = tuple(np.asarray(a) for a in jax.device_get((out.completion, out.completion_mask)))
     if bar is not None:
       bar.update(1)

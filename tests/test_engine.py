@@ -99,3 +99,73 @@ def test_grpo_micro_run_with_engine_rollouts(tmp_path):
   rows = cfg.rl.prompts_per_iteration * cfg.rl.group_size
   for it in its:
     assert 0 < it["rl/decode_row_steps"] <= rows * cfg.rl.max_new_tokens + 8 * 16
+
+
+def test_stream_yields_request_zero_of_generate(setup):
+  """`engine.stream` (gptjax chat) draws with the keys of `generate`'s request 0, so a streamed
+  reply is the batched one; greedy, it also equals the static sampler's stream."""
+  model, params, prompts, lengths = setup
+  for i in (0, 3):
+    ids = prompts[i, :lengths[i]].tolist()
+    got = list(engine.stream(model, params, ids, rng=7, max_new_tokens=20, eos_ids=(EOS,),
+                             pad_id=0))
+    out = engine.generate(model, params, prompts[i:i + 1], lengths[i:i + 1], rng=7,
+                          max_new_tokens=20, eos_ids=(EOS,), pad_id=0, slots=1)
+    assert got == np.asarray(out.completion)[0, :int(out.lengths[0])].tolist()
+    greedy = list(engine.stream(model, params, ids, rng=0, max_new_tokens=20, temperature=0.0,
+                                eos_ids=(EOS,), pad_id=0))
+    static = list(sampling.stream(model, params, ids, rng=0, max_new_tokens=20,
+                                  temperature=0.0, eos_ids=(EOS,), pad_id=0))
+    assert greedy == static
+
+
+def test_best_of_n_samplers_run_on_the_engine(setup):
+  """Best-of-N's samplers (`sample_replies(engine=True)`, the reward stage's;
+  `evaluate_policy(engine=...)`, the comparison's): greedy replies equal the static sampler's,
+  and sampled ones are the engine's draws under each batch's key."""
+  model, params, prompts, lengths = setup
+  ids = [prompts[i, :lengths[i]].tolist() for i in range(len(lengths))]
+  kw = dict(max_new_tokens=12, pad_id=0, eos_ids=(EOS,), batch_size=4)
+  greedy_engine, ended_engine = sampling.sample_replies(model, params, ids, seed=3,
+                                                        temperature=0.0, engine=True, **kw)
+  greedy_static, ended_static = sampling.sample_replies(model, params, ids, seed=3,
+                                                        temperature=0.0, **kw)
+  assert greedy_engine == greedy_static and (ended_engine == ended_static).all()
+  drawn, _ = sampling.sample_replies(model, params, ids, seed=3, engine=True, **kw)
+  static, _ = sampling.sample_replies(model, params, ids, seed=3, **kw)
+  assert drawn != static                 # the engine's keys are per request, not per batch
+  arr, lens = sampling.pad_prompts(ids[4:8], pad_id=0, rows=4, width=max(map(len, ids)))
+  out = engine.generate(model, params, arr, lens, rng=jax.random.fold_in(jax.random.key(3), 1),
+                        max_new_tokens=12, eos_ids=(EOS,), pad_id=0, slots=4)
+  want = [np.asarray(out.completion)[r, :int(out.lengths[r])].tolist() for r in range(4)]
+  assert drawn[4:8] == want
+
+
+def test_supports_names_what_sends_a_caller_to_the_static_sampler():
+  assert engine.supports()
+  assert not engine.supports(repetition_penalty=1.2)
+  assert not engine.supports(stop_sequences=((5, 6),))
+  assert engine.supports(stop_sequences=((),))          # an empty --stop is no stop string
+  assert engine.supports(params={"w": jnp.ones(3)})     # whole on this (the only) process
+
+
+def test_evaluate_policy_on_the_engine_greedy_equals_the_static_sampler(monkeypatch):
+  """The comparison's best-of-N curve samples through `evaluate_policy(engine=True)`: greedy,
+  its replies are the static sampler's, and the engine is what decoded them."""
+  from gptjax import evaluation
+  from gptjax.data.tokenizers import CharTokenizer
+  tok = CharTokenizer("abcdefgh ?!")
+  model = GPT(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=16,
+                          max_len=64))
+  params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"])
+  calls = []
+  real = engine.generate
+  monkeypatch.setattr(engine, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+  kw = dict(prompts=["ab", "cd e", "fgh", "a?"], max_new_tokens=10, temperature=0.0,
+            prompt_len=16, batch_size=2, num_samples=4)
+  on_engine = evaluation.evaluate_policy((model, params, tok), engine=True, **kw)
+  assert len(calls) == 2                                  # one engine run per batch
+  static = evaluation.evaluate_policy((model, params, tok), engine=False, **kw)
+  assert len(calls) == 2
+  assert [s["reply"] for s in on_engine["samples"]] == [s["reply"] for s in static["samples"]]
+  assert on_engine["eos_fraction"] == static["eos_fraction"]

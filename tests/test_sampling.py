@@ -377,20 +377,87 @@ def test_chat_cli_streams_replies_and_keeps_history(fake_workdir):
 def test_sample_cli_stops_at_the_end_of_turn_marker_without_chat(fake_workdir, monkeypatch):
   """A plain prompt is continued until EOS or `<|end|>`: a chat-tuned model ends its reply with
   the marker, and the marker's text must not be streamed."""
-  from gptjax import generate_cli
+  from gptjax import engine, generate_cli
   seen = []
-  real = sampling.generate
+  real = engine.generate
 
   def spy(*args, **kwargs):
     seen.append(tuple(kwargs["eos_ids"]))
     return real(*args, **kwargs)
-  monkeypatch.setattr(sampling, "generate", spy)
+  monkeypatch.setattr(engine, "generate", spy)
   out = []
   assert generate_cli.sample_main(["--workdir", "unused", "--prompt", "abc",
                                    "--max_new_tokens", "4"], write=out.append) == 0
   tok = fake_workdir
   assert set(seen[0]) == {tok.eos_id, tok.special_ids["<|end|>"]}
   assert "<|end|>" not in out[0]
+
+
+def _count_calls(monkeypatch, module, names):
+  """Wraps module.<name> for each name so calls are recorded in order; returns the record."""
+  calls = []
+  for name in names:
+    real = getattr(module, name)
+
+    def wrapped(*a, _real=real, _name=name, **k):
+      calls.append(f"{module.__name__.rsplit('.', 1)[-1]}.{_name}")
+      return _real(*a, **k)
+    monkeypatch.setattr(module, name, wrapped)
+  return calls
+
+
+def test_sample_and_chat_decode_on_the_engine_and_greedy_equals_the_static_sampler(
+    fake_workdir, monkeypatch):
+  """`sample` and `chat` decode with the continuous-batching engine. Greedy, their text equals
+  the static sampler's (the path every control took before); a repetition penalty or a stop
+  string, which the engine lacks (`engine.supports`), goes to the static sampler instead."""
+  from gptjax import engine, generate_cli
+  calls = _count_calls(monkeypatch, engine, ("generate", "stream"))
+  static_calls = _count_calls(monkeypatch, sampling, ("generate", "stream"))
+  argv = ["--workdir", "unused", "--prompt", "abc", "--num_samples", "3", "--max_new_tokens",
+          "10", "--temperature", "0"]
+  chat_argv = ["--workdir", "unused", "--max_new_tokens", "8", "--temperature", "0"]
+
+  def run_both():
+    out, talk = [], []
+    assert generate_cli.sample_main(argv, write=out.append) == 0
+    turns = iter(["hi", "again?", "/quit"])
+    assert generate_cli.chat_main(chat_argv, read_line=lambda _: next(turns),
+                                  write=talk.append) == 0
+    return out, "".join(talk)
+
+  on_engine = run_both()
+  assert calls == ["engine.generate", "engine.stream", "engine.stream"] and static_calls == []
+  with monkeypatch.context() as m:
+    # The previous path: the static sampler for every control set.
+    m.setattr(engine, "supports", lambda **kw: False)
+    static = run_both()
+  assert static_calls == ["sampling.generate", "sampling.stream", "sampling.stream"]
+  assert on_engine == static
+  assert len(on_engine[0]) == 3 and on_engine[1].count("model> ") == 2
+  calls.clear()
+  static_calls.clear()
+  assert generate_cli.sample_main(argv + ["--repetition_penalty", "1.3"], write=[].append) == 0
+  assert generate_cli.sample_main(argv + ["--stop", "b"], write=[].append) == 0
+  turns = iter(["hi", "/quit"])
+  assert generate_cli.chat_main(chat_argv + ["--repetition_penalty", "1.3"],
+                                read_line=lambda _: next(turns), write=[].append) == 0
+  assert calls == [] and static_calls == ["sampling.generate", "sampling.generate",
+                                          "sampling.stream"]
+
+
+def test_sample_cli_samples_are_the_engines_per_request_draws(fake_workdir):
+  """Sampled (temperature > 0), sample i of `gptjax sample` is request i of engine.generate
+  with the seed: the same text whatever --num_samples is."""
+  from gptjax import generate_cli
+  argv = ["--workdir", "unused", "--prompt", "abc", "--max_new_tokens", "12", "--seed", "4",
+          "--temperature", "1.0"]
+  three, five = [], []
+  assert generate_cli.sample_main(argv + ["--num_samples", "3"], write=three.append) == 0
+  assert generate_cli.sample_main(argv + ["--num_samples", "5"], write=five.append) == 0
+  body = lambda lines: [line.split("\n", 1)[1] for line in lines]
+  assert body(five[:3]) == body(three)
+  assert len(set(body(five))) > 1                     # the samples are draws, not one text
 
 
 def test_sample_cli_with_chat_separates_the_reply_from_the_prompt(fake_workdir):

@@ -291,7 +291,7 @@ def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16), *,
       sft_model, sft_params, repeated, seed=cfg.seed + 11, max_new_tokens=cfg.sft.reply_tokens,
       temperature=cfg.rm_data.temperature, top_k=cfg.rm_data.top_k,
       batch_size=cfg.rm_data.batch_size, pad_id=tok.pad_id, eos_ids=chat.reply_stop_ids(tok),
-      progress="reward: best-of-N samples" if progress else "")
+      progress="reward: best-of-N samples" if progress else "", engine=True)
   gold = labeler.gold_score([chat.parse_reply(x, tok) for x in replies]).reshape(len(ids), n_max)
   seqs = [sequence_ids(p, x, seq_len=cfg.data.seq_len) for p, x in zip(repeated, replies)]
   rm = score_sequences(score_fn, params, seqs, seq_len=cfg.data.seq_len,
