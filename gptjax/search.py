@@ -224,8 +224,9 @@ def model_expand(policy, prompt_ids: Sequence[Sequence[int]], *, branch: int, te
   chain reaches `max_chain_tokens` or the model's window. `prompt_ids[q]` is problem q's prompt
   (the chat template's generation prompt).
 
-  Rows are padded to widths that are multiples of `width_bucket` in fixed `batch_size` batches,
-  so a few compiled programs serve every round; call i's batch b uses fold_in(fold_in(seed, i),
+  Rows are padded to widths that are multiples of `width_bucket` (narrower within a step of the
+  window's end, so every row can still take its whole step) in fixed `batch_size` batches, so a
+  few compiled programs serve every round; call i's batch b uses fold_in(fold_in(seed, i),
   b), so a search is reproducible. A candidate's tokens are the ones it keeps: sampling past a
   chain's cap within the step is cut and not counted (at most `max_step_tokens` per candidate).
   """
@@ -251,14 +252,19 @@ def model_expand(policy, prompt_ids: Sequence[Sequence[int]], *, branch: int, te
       raise ValueError(f"model_expand: a chain of {max(full)} tokens leaves no room in "
                        f"max_len={max_len}")
     chain_len = [len(n.ids) for n in nodes for _ in range(branch)]
-    widths = [-(-len(r) // width_bucket) * width_bucket for r in rows]
+    # A row's padded width plus its step must fit the window. Near the window's end the bucket's
+    # width is narrowed to leave the row its whole step (max_step_tokens, or up to the window):
+    # capping the step by the bucket's width instead would cut it short of what fits, and the
+    # cut step would be neither final nor at a step end.
+    widths = [min(-(-len(r) // width_bucket) * width_bucket,
+                  max_len - min(max_step_tokens, max_len - len(r))) for r in rows]
     out_ids = [None] * len(rows)
     key = jax.random.fold_in(jax.random.key(seed), calls[0])
     calls[0] += 1
     b = 0
     for width in sorted(set(widths)):
       members = [i for i, w in enumerate(widths) if w == width]
-      width = min(width, max_len - 1)
+      # At least every member's own step: a narrowed width is the one its members' steps need.
       new = min(max_step_tokens, max_len - width)
       for start in range(0, len(members), batch_size):
         chunk = members[start:start + batch_size]

@@ -122,10 +122,6 @@ def test_bad_callables_are_named():
     search.beam_search(1, expand=tree_expand(2), score=lambda ns: [], beam_width=0, max_depth=1)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug, found at the end of 2026-12-02: after the tool "
-                   "and constraint merges a non-final step of the greedy chain is the single "
-                   "token 0 (neither the step end nor max_step_tokens long); the chain itself "
-                   "still equals the greedy decode. Remove this mark with the fix.")
 def test_greedy_steps_of_a_model_rebuild_its_greedy_chain_and_count_its_tokens():
   """Expanding one greedy line at a time (a beam of one) gives the tokens of one greedy decode
   of the whole reply, cut into steps at the step-end token, each counted once."""
