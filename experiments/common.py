@@ -82,7 +82,8 @@ def rl_fields() -> ml_collections.ConfigDict:
       whiten_rewards=False,
       whiten_unbiased=False,        # whitening's variance: 1/n (False) or 1/(n-1) as TRL
       missing_eos_penalty=0.0,
-      engine_slots=0,               # >0: continuous-batching rollouts with that many slots
+      rollout_engine=False,         # True: continuous-batching rollouts (see the README)
+      engine_slots=0,               # the engine's slots (0: one per rollout row)
       normalize_scores=False,
       scale_by_std=True,            # GRPO; False = Dr. GRPO
       scale_rewards="group",        # GRPO: the std of the group, or of the 'batch' (TRL)

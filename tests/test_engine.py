@@ -84,21 +84,24 @@ def test_cost_follows_generated_tokens(setup):
 
 
 def test_grpo_micro_run_with_engine_rollouts(tmp_path):
-  """`rl.engine_slots` switches the RL rollouts to the engine: the run trains end to end, the KL
-  starts at exactly 0 (the engine's rollouts are scored by the same plain forward as the
-  reference), and the decode cost is reported."""
+  """RL rollouts from the engine (`rl.rollout_engine`; here with fewer slots than rows, so
+  finished rows are refilled): the run trains end to end, the KL starts at exactly 0 (the
+  engine's rollouts are scored by the same plain forward as the reference), and the decode cost
+  is reported."""
   import json
   import os
   from gptjax import config as config_lib
   from gptjax.stages import run_stage
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "rl.py")
-  cfg = config_lib.load(f"{path}:grpo_micro", ["rl.iterations=2", "rl.engine_slots=8"])
+  cfg = config_lib.load(f"{path}:grpo_micro", ["rl.iterations=2", "rl.rollout_engine=True",
+                                                    "rl.engine_slots=8"])
   run_stage(cfg, str(tmp_path), progress=False)
   its = [json.loads(l) for l in open(tmp_path / "rl_iterations.jsonl")]
   assert len(its) == 2 and its[0]["rl/kl"] == 0.0
   rows = cfg.rl.prompts_per_iteration * cfg.rl.group_size
   for it in its:
     assert 0 < it["rl/decode_row_steps"] <= rows * cfg.rl.max_new_tokens + 8 * 16
+    assert it["rl/rollout_engine"] == 1.0
 
 
 def test_stream_yields_request_zero_of_generate(setup):

@@ -62,9 +62,11 @@ def test_rollout_logs_how_the_proxy_ranks_against_the_gold(sign):
   assert m["rl/proxy_gold_spearman"] == pytest.approx(sign, abs=1e-9)
 
 
-def test_ppo_identical_params_ratio_one_kl_zero():
+@pytest.mark.parametrize("rollout_engine", [True, False])
+def test_ppo_identical_params_ratio_one_kl_zero(rollout_engine):
+  """On either decoder (`rl.rollout_engine`): the recorded log-probs are a plain forward's."""
   model, params = _params(dataclasses.replace(CFG, scalar_head=True))
-  src = _source(model, params, "ppo")
+  src = _source(model, params, "ppo", rollout_engine=rollout_engine)
   batch = src.next(_State(params))
   m = src.pop_metrics()
   assert m["rl/kl"] == 0.0                      # same path, same temperature: exactly zero
@@ -81,6 +83,37 @@ def test_ppo_identical_params_ratio_one_kl_zero():
   picked = np.asarray(lp)[np.asarray(lay["completion_mask"]) > 0]
   sampler = np.asarray(out.logprobs)[np.asarray(out.completion_mask) > 0]
   np.testing.assert_allclose(picked, sampler, atol=2e-5)
+  assert m["rl/rollout_engine"] == float(rollout_engine)
+
+
+def test_engine_rollouts_are_the_engines_draws_fixed_shape_and_reproducible():
+  """RL rollouts on the engine (`rl.rollout_engine`): every row is request i of
+  `engine.generate` under the iteration's key (so the slot count changes no token), the arrays have the static
+  sampler's fixed shapes with the mask ending at each row's stop, a fresh source with the same
+  seed draws them again bitwise, and the logged cost is the engine's row-steps."""
+  from gptjax import engine
+  model, params = _params(CFG, seed=2)
+  kw = dict(prompts_per_iteration=3, group_size=4)
+  src = _source(model, params, "grpo", rollout_engine=True, **kw)
+  idx, out = src.sample(params, 5)
+  _, again = _source(model, params, "grpo", rollout_engine=True, **kw).sample(params, 5)
+  _, fewer = _source(model, params, "grpo", rollout_engine=True, engine_slots=3,
+                     **kw).sample(params, 5)
+  _, static = _source(model, params, "grpo", **kw).sample(params, 5)
+  key = jax.random.fold_in(jax.random.key(3 + 7919), 5)
+  want = engine.generate(model, params, src.prompts[idx], src.prompt_lengths[idx], rng=key,
+                         max_new_tokens=8, temperature=0.7, eos_ids=src.eos_ids,
+                         pad_id=TOK.pad_id, slots=1)
+  for f in ("tokens", "completion", "logprobs", "completion_mask", "lengths", "total_lengths"):
+    got = np.asarray(getattr(out, f))
+    assert got.shape == np.asarray(getattr(static, f)).shape, f
+    for other in (again, fewer, want):
+      np.testing.assert_array_equal(got, np.asarray(getattr(other, f)), f)
+  lengths, mask = np.asarray(out.lengths), np.asarray(out.completion_mask)
+  assert (mask.sum(1) == lengths).all() and len(set(lengths.tolist())) > 1
+  # The cost: never more row-steps than the static batch's worst case, 12 rows × 7 steps.
+  _, m = src.make_rollouts(params, 5)
+  assert 0 < m["rl/decode_row_steps"] <= 12 * 7 and m["rl/rollout_engine"] == 1.0
 
 
 def test_grpo_identical_params_ratio_one_kl_zero():

@@ -14,6 +14,11 @@ group-normalised scores for GRPO, `gae_with_kl_reward` and `group_normalised` he
 their objective's file). Nothing here asks which objective it is: it reads the objective's fields
 (does it need a critic's values, may π_old come from the sampler).
 
+Rollouts come from the continuous-batching engine (`rl.rollout_engine=True`: a finished row
+stops costing, so an iteration's decode cost follows the tokens generated) or from the static
+sampler (the default, for now); both return fixed [rows, max_new_tokens] completions with masks, and neither's tokens
+depend on anything but the iteration's key and prompts.
+
 Exact resume. The source's JSON state is (iteration, minibatch, KL controller, score normaliser).
 Each iteration's prompts and sampling key are functions of (seed, iteration) alone, and
 `checkpoint_safe()` is False while an iteration's rollouts are held, so checkpoints land on
@@ -328,10 +333,12 @@ class RolloutConfig:
   # buys nothing), else recompute.
   old_logp: str = "auto"
   seed: int = 0
-  # 0: the static sampler (sampling.generate). N > 0: the continuous-batching engine with N slots
-  # (gptjax/engine.py), whose cost follows the tokens generated; its tokens differ from the
-  # static sampler's for the same seed (per-request keys). One process only, for now.
-  engine_slots: int = 0
+  # Rollouts from the continuous-batching engine (gptjax/engine.py): finished rows stop costing,
+  # so an iteration's decode cost follows the tokens generated, not rows x longest. Its tokens
+  # are its per-request draws (request i of an iteration: fold_in(key, i)), not the static
+  # sampler's for the same seed. False (for now the default, see the README): `sampling.generate`.
+  rollout_engine: bool = False
+  engine_slots: int = 0                # the engine's slots; 0 = one per rollout row
 
   @property
   def needs(self) -> frozenset:
@@ -371,9 +378,7 @@ class RolloutConfig:
     if "critic" in self.needs and self.old_logp == "sampler":
       bad("old_logp", f"{name}'s values need the policy forward anyway; use recompute")
     if self.engine_slots < 0:
-      bad("engine_slots", f"must be >= 0 (0 = the static sampler), got {self.engine_slots}")
-    if self.engine_slots and jax.process_count() > 1:
-      bad("engine_slots", "the continuous-batching engine runs on one process; set it to 0")
+      bad("engine_slots", f"must be >= 0 (0 = one slot per rollout row), got {self.engine_slots}")
     if self.kl_estimator not in kl_lib.ESTIMATORS:
       bad("kl_estimator", f"expected one of {kl_lib.ESTIMATORS}, got {self.kl_estimator!r}")
     if self.scale_rewards not in adv_lib.STD_SCOPES:
@@ -410,6 +415,8 @@ class RolloutSource:
     self._buffer, self._order = None, None
     self._metrics = {}
     self.timings = {"rollout_s": 0.0, "iterations": 0}
+    self._decode_row_steps = 0
+    self._said_static = False
 
   # --- trainer interface ---
 
@@ -466,20 +473,30 @@ class RolloutSource:
     idx = rng.choice(n, size=k, replace=n < k)
     return np.repeat(idx, self.cfg.group_size)
 
+  def uses_engine(self, params) -> bool:
+    """Whether this iteration's rollouts come from the engine: `rl.rollout_engine`, and policy
+    parameters whole on each process (`engine.supports`). A run that asked for the engine and
+    cannot have it says so once."""
+    if not self.cfg.rollout_engine:
+      return False
+    if engine_lib.supports(params=policy_view(self.model, params)[1]):
+      return True
+    if not self._said_static and jax.process_index() == 0:
+      print("rollouts: rl.rollout_engine is on, but the policy's parameters are split across "
+            "processes and the engine decodes each process's rows alone; sampling with the "
+            "static sampler (rl.rollout_engine=false asks for it outright)", flush=True)
+    self._said_static = True
+    return False
+
   def sample(self, params, iteration: int):
+    """(prompt rows, SampleOutput [rollout_batch, ...]) of one iteration. Either decoder gives
+    the same fixed shapes ([B, P+M] tokens, [B, M] completion, log-probs and mask), so the
+    update step compiles once whichever runs."""
     idx = self.iteration_prompts(iteration)
     policy, policy_params = policy_view(self.model, params)
     key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7919), iteration)
-    if self.cfg.engine_slots:
-      stats = engine_lib.EngineStats()
-      out = engine_lib.generate(policy, policy_params, self.prompts[idx], self.prompt_lengths[idx],
-                                rng=key, max_new_tokens=self.cfg.max_new_tokens,
-                                temperature=self.cfg.temperature, eos_ids=self.eos_ids,
-                                pad_id=self.tok.pad_id, slots=self.cfg.engine_slots, stats=stats)
-      self._engine_stats = stats
-      if self.mesh is not None:
-        out = jax.device_put(out, shd.batch_sharding(self.mesh))
-      return idx, out
+    if self.uses_engine(params):
+      return idx, self._engine_sample(policy, policy_params, idx, key)
     prompts, lengths = jnp.asarray(self.prompts[idx]), jnp.asarray(self.prompt_lengths[idx])
     if self.mesh is not None:
       prompts, lengths = jax.device_put((prompts, lengths), shd.batch_sharding(self.mesh))
@@ -487,7 +504,45 @@ class RolloutSource:
                             max_new_tokens=self.cfg.max_new_tokens,
                             temperature=self.cfg.temperature, eos_ids=self.eos_ids,
                             pad_id=self.tok.pad_id)
+    # The static batch decodes every row until the longest stops (its first token comes from
+    # the prefill, as the engine's do from admission).
+    self._decode_row_steps = len(idx) * (int(shd.to_host(out.lengths).max()) - 1)
     return idx, out
+
+  def _engine_sample(self, policy, params, idx, key) -> sampling.SampleOutput:
+    """The engine's rollouts. On several processes each decodes the rows its devices hold,
+    as requests numbered by their row in the whole batch, so the draws are one process's."""
+    n, c = len(idx), self.cfg
+    stats = engine_lib.EngineStats()
+
+    def decode(rows: np.ndarray) -> sampling.SampleOutput:
+      return engine_lib.generate(
+          policy, params, self.prompts[idx[rows]],
+          self.prompt_lengths[idx[rows]], rng=key, max_new_tokens=c.max_new_tokens,
+          temperature=c.temperature, eos_ids=self.eos_ids, pad_id=self.tok.pad_id,
+          slots=c.engine_slots or n, stats=stats, first_request=int(rows[0]))
+
+    if self.mesh is None or jax.process_count() == 1:
+      out = decode(np.arange(n))
+      if self.mesh is not None:
+        out = jax.device_put(out, shd.batch_sharding(self.mesh))
+      self._decode_row_steps = stats.row_steps
+      return out
+    sharding = shd.batch_sharding(self.mesh)
+    mine = sorted({r for ix in sharding.addressable_devices_indices_map((n,)).values()
+                   for r in range(n)[ix[0]]})
+    # Consecutive rows decode in one call (one run per process on a data-parallel mesh).
+    runs = np.split(np.asarray(mine), np.flatnonzero(np.diff(mine) != 1) + 1)
+    parts = [jax.device_get(decode(rows)) for rows in runs]
+    self._decode_row_steps = stats.row_steps       # this process's share
+
+    def assemble(*leaves):
+      # The whole batch's array, of which this process fills (and hands over) its rows only.
+      full = np.zeros((n,) + leaves[0].shape[1:], leaves[0].dtype)
+      for rows, x in zip(runs, leaves):
+        full[rows] = x
+      return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+    return jax.tree.map(assemble, *parts)
 
   def completion_texts(self, out) -> list[str]:
     comp, mask = shd.to_host(out.completion), shd.to_host(out.completion_mask)
@@ -549,9 +604,10 @@ class RolloutSource:
         "rl/completion_length": float(lengths.mean()),
         "rl/iteration": float(iteration),
     })
-    if c.engine_slots:
-      # The engine's cost: slot-steps decoded (the static sampler pays rows × longest).
-      metrics["rl/decode_row_steps"] = float(self._engine_stats.row_steps)
+    # The decode cost: row-steps computed (the engine's slots as they shrink; the static
+    # sampler's rows × its longest), and which decoder it was.
+    metrics["rl/decode_row_steps"] = float(self._decode_row_steps)
+    metrics["rl/rollout_engine"] = float(self.uses_engine(params))
     if self.gold_fn is not None:
       gold = self.gold_fn(prompt_texts, texts)
       metrics["rl/gold_score"] = float(np.mean(gold))

@@ -98,7 +98,8 @@ def rollout_config(cfg) -> rollout_lib.RolloutConfig:
       missing_eos_penalty=r.missing_eos_penalty, normalize_scores=r.normalize_scores,
       scale_by_std=r.scale_by_std, scale_rewards=r.get("scale_rewards", "group"),
       group_eps=r.group_eps, filter_zero_spread=r.filter_zero_spread, old_logp=r.old_logp,
-      seed=cfg.seed, engine_slots=r.get("engine_slots", 0))
+      seed=cfg.seed, rollout_engine=r.get("rollout_engine", False),
+      engine_slots=r.get("engine_slots", 0))
 
 
 # The loss hyperparameters an objective may share with the rollouts, and the rl field each is
