@@ -9,7 +9,8 @@
 #      beside it when torch and transformers are installed;
 #   3. rollouts: the continuous-batching engine against the static sampler (batch 64, up to 256
 #      new tokens, geometric lengths of mean 64);
-#   4. the GRPO step and the PPO iteration (benchmarks/rl_throughput.py);
+#   4. the GRPO step and the PPO iteration (benchmarks/rl_throughput.py), rollouts from the static
+#      sampler and from the engine side by side (lengths geometric with mean 16 of 64);
 #   5. LoRA rank 16 against full fine-tuning memory for a GRPO step on a Qwen2.5-0.5B-shaped model.
 # Each part has its own time limit (`timeout`), so one that hangs cannot eat the others' time;
 # a part that fails prints its status and the suite goes on. Step counts are cut to what gives
@@ -53,8 +54,8 @@ part "3. rollouts: continuous engine vs static sampler (64 x <=256 tokens, mean 
   python benchmarks/rollout_engine.py --batch 64 --max_new_tokens 256 --mean_len 64 \
     --d_model 768 --num_layers 12 --repeats 3
 
-part "4. RL: GRPO step and PPO iteration" 50 \
-  python benchmarks/rl_throughput.py --repeats 5 --warmup 2
+part "4. RL: GRPO step and PPO iteration, static sampler vs engine rollouts" 50 \
+  python benchmarks/rl_throughput.py --repeats 3 --warmup 2 --mean_len 16
 
 part "5. GRPO step memory: full fine-tuning vs LoRA r16, Qwen2.5-0.5B shape, bf16" 130 \
   python benchmarks/lora_memory.py --dtype bfloat16 --rank 16 --batch 8 --seq 512 --remat full \
