@@ -22,6 +22,8 @@ directory):
     tot_eval      tree-of-thought search (beam, best-first) scored by the outcome RM, against
                   self-consistency at an equal token budget: rows added to reason_eval's table
     tool_eval     sft_tool greedy with the calculator in its decode loop: one more table row
+    answer_format rows: the CoT reply forced into its format by constrained decoding
+    check_retry   rows: check-and-retry, the answer judged (re-derived, or by the ORM)
     report        the report card: <run>/report.md (gptjax/reasoning_report.py)
 
 Presets: `micro` (tests: seconds per stage, the numbers mean nothing) and `tiny` (2 CPU cores,
@@ -42,6 +44,7 @@ from . import sft as sft_exp
 PRESETS = ("micro", "tiny")
 STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "tool_data", "sft_tool",
           "orm_data", "orm", "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "tool_eval",
+          "answer_format", "check_retry",
           "report")
 
 
@@ -207,6 +210,19 @@ def tool_eval(preset: str):
       batch_size=64 if preset == "micro" else 512, seed=0))
 
 
+def answer_format(preset: str):
+  # Lines that do not start with '#', then the final `#### N` line.
+  return ml_collections.ConfigDict(dict(
+      regex=r"([^#\n][^\n]*\n)*#### -?[0-9]+", samples=2 if preset == "micro" else 4))
+
+
+def check_retry(preset: str):
+  # Up to `retries` retries, from reason_eval's pooled samples (16 per problem; micro 4).
+  return ml_collections.ConfigDict(dict(judges=("rederive", "orm"),
+                                        retries=1 if preset == "micro" else 3,
+                                        orm_threshold=0.0))
+
+
 def get_config(arg=None):
   preset = arg or "tiny"
   if preset not in PRESETS:
@@ -228,6 +244,8 @@ def get_config(arg=None):
       "tot_eval": "gptjax.search:tot_eval_stage",
       "tool_data": "gptjax.reasoning:tool_data_stage",
       "tool_eval": "gptjax.reasoning:tool_eval_stage",
+      "answer_format": "gptjax.reasoning:answer_format_stage",
+      "check_retry": "gptjax.reasoning:check_retry_stage",
       "report": "gptjax.reasoning:report_stage"}
   c.tokenizer = ml_collections.ConfigDict(dict(kind="char"))
   c.task_data = task_data(preset)
@@ -242,5 +260,7 @@ def get_config(arg=None):
   c.reason_eval = reason_eval(preset)
   c.tot_eval = tot_eval(preset)
   c.tool_eval = tool_eval(preset)
+  c.answer_format = answer_format(preset)
+  c.check_retry = check_retry(preset)
   c.distributed = common.base_config().distributed
   return c

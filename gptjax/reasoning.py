@@ -10,10 +10,15 @@ task's files by configuration. What lives here:
     tokenizer_stage   a character vocabulary of the training text (digits are single tokens)
     orm_data_stage    CoT samples of the SFT model on training problems, labelled correct or not
                       by the verifier: preference records for the reward stage (an outcome RM)
-    evaluate_stage    every method on the same held-out problems: `reason_eval.json`
+    evaluate_stage    every method on the same held-out problems: `reason_eval.json` (with the
+                      pool of sampled CoT chains' answers, format and ORM scores)
     tool_data_stage   SFT chats in the `tool` format (calculator calls in the chain)
     tool_eval_stage   the tool model, greedy, with the calculator in its decode loop: a row
                       added to `reason_eval.json` (`add_rows`)
+    answer_format_stage  rows: the CoT reply forced into its answer format (constrained
+                      decoding), accuracy and format errors with and without it
+    check_retry_stage rows: check-and-retry over the pooled chains, judged by re-derivation or
+                      by the outcome RM
     sample            k completions per question from any policy, in fixed-shape batches
     sample_with_tools greedy completions with a tool loop (`gptjax.tools`), by the engine
 
@@ -163,9 +168,10 @@ def prompt_ids(questions, tok) -> list[list[int]]:
 
 
 def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int, seed: int,
-           batch_size: int = 256, width_bucket: int = 16) -> dict:
+           batch_size: int = 256, width_bucket: int = 16, constraint=None) -> dict:
   """n completions per question (temperature 0: greedy, then n is 1). Returns {'texts' [Q][n],
-  'ids' [Q][n] (with the stop token), 'lengths' [Q][n] tokens, 'ended' [Q][n]}.
+  'ids' [Q][n] (with the stop token), 'lengths' [Q][n] tokens, 'ended' [Q][n]}. `constraint`
+  (constraints.Constraint, compiled with the chat's stop ids) keeps every reply in its pattern.
 
   Rows are the questions repeated n times, in fixed-shape batches per prompt width; batch b's key
   is fold_in(seed, b), so the same call always gives the same samples.
@@ -205,7 +211,7 @@ def sample(policy, questions, *, n: int, temperature: float, max_new_tokens: int
                               np.asarray([len(rows[i]) for i in chunk], np.int32),
                               rng=jax.random.fold_in(jax.random.key(seed), b),
                               max_new_tokens=new, temperature=temperature, eos_ids=stops,
-                              pad_id=tok.pad_id)
+                              pad_id=tok.pad_id, constraint=constraint)
       b += 1
       comp, mask = jax.device_get((out.completion, out.completion_mask))
       for j, i in enumerate(members[start:start + batch_size]):
@@ -285,10 +291,12 @@ def orm_data_stage(cfg, run_dir: str, progress: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def table_row(method: str, budget: int, bands: list[str], values, *, family: str = "",
-              note: str = "") -> dict:
+              note: str = "", metric: str = "accuracy") -> dict:
   """A row of the method table from per-problem scores in [0, 1] (1/0 for one answer; a mean
   over subsets for sampled methods), aligned with `bands`. Intervals are Wilson 95% with the
-  summed scores as successes (for fractional scores this is a close, slightly wide interval)."""
+  summed scores as successes (for fractional scores this is a close, slightly wide interval).
+  `metric` names what the scores measure when it is not accuracy (e.g. 'format errors': the
+  report shows such rows in their own table)."""
   values = np.asarray(values, np.float64)
 
   def cell(mask):
@@ -298,9 +306,12 @@ def table_row(method: str, budget: int, bands: list[str], values, *, family: str
     return {"acc": s / n if n else None, "lo": lo, "hi": hi, "n": n}
 
   bands_arr = np.asarray(bands)
-  return {"method": method, "budget": int(budget), "family": family, "note": note,
-          "per_band": {b: cell(bands_arr == b) for b in dict.fromkeys(bands)},
-          "overall": cell(np.ones(len(values), bool))}
+  row = {"method": method, "budget": int(budget), "family": family, "note": note,
+         "per_band": {b: cell(bands_arr == b) for b in dict.fromkeys(bands)},
+         "overall": cell(np.ones(len(values), bool))}
+  if metric != "accuracy":
+    row["metric"] = metric          # accuracy rows keep the form they always had
+  return row
 
 
 def _traces(problems, texts, values, k: int = 3) -> list[dict]:
@@ -322,6 +333,27 @@ def _score_with_rm(rm, policy_tok, questions, ids) -> np.ndarray:
   for start in range(0, len(flat_p), 512):
     scores.append(np.asarray(rm(flat_p[start:start + 512], flat_c[start:start + 512])))
   return np.concatenate(scores).reshape(len(ids), -1)
+
+
+def _draw_pool(e, cot_pol, questions) -> tuple[dict, dict, dict]:
+  """The N sampled CoT chains per problem that every sampled method reads: (samples as `sample`
+  returns them, the pool kept in reason_eval.json, timings). The pool holds per chain its final
+  answer, whether it ended in a well-formed answer line, and its ORM score (when there is an
+  outcome RM): what stages that add rows later (check-and-retry) need, without sampling again."""
+  timings = {}
+  t = time.time()
+  s = sample(cot_pol, questions, n=e.samples, temperature=e.temperature,
+             max_new_tokens=e.max_new_tokens, seed=e.seed, batch_size=e.batch_size)
+  timings["cot_samples_s"] = time.time() - t
+  pool = {"answers": answers_of(s["texts"]),
+          "formatted": [[ar.has_format(t) for t in row] for row in s["texts"]],
+          "orm_scores": None}
+  if e.orm and os.path.exists(os.path.join(e.orm, "done.json")):
+    t = time.time()
+    scores = _score_with_rm(load_reward_scorer(e.orm), cot_pol[2], questions, s["ids"])
+    pool["orm_scores"] = [[float(x) for x in row] for row in scores]
+    timings["orm_scoring_s"] = time.time() - t
+  return s, pool, timings
 
 
 def evaluate(cfg, run_dir: str) -> dict:
@@ -352,18 +384,12 @@ def evaluate(cfg, run_dir: str) -> dict:
 
   # N sampled chains per problem from the CoT model; every sampled method reads these same
   # samples, so their differences are the method's, not the draw's.
-  t = time.time()
   n = e.samples
-  s = sample(cot_pol, questions, n=n, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
-             **kw)
-  answers = answers_of(s["texts"])
+  s, pool, drawn = _draw_pool(e, cot_pol, questions)
+  timings.update(drawn)
+  answers = pool["answers"]
   correct = [[a == g for a in row] for row, g in zip(answers, gold)]
-  timings["cot_samples_s"] = time.time() - t
-  rm_scores = None
-  if e.orm and os.path.exists(os.path.join(e.orm, "done.json")):
-    t = time.time()
-    rm_scores = _score_with_rm(load_reward_scorer(e.orm), cot_pol[2], questions, s["ids"])
-    timings["orm_scoring_s"] = time.time() - t
+  rm_scores = None if pool["orm_scores"] is None else np.asarray(pool["orm_scores"])
   ks = [k for k in e.ks if k <= n]
   curve = {"k": ks, "self_consistency": {}, "oracle": {}, "orm": {}}
   per_k = {}
@@ -425,7 +451,7 @@ def evaluate(cfg, run_dir: str) -> dict:
   out = {"bands": list(dict.fromkeys(bands)), "problems": len(probs),
          "train_bands": list(cfg.task_data.train_bands), "samples": n,
          "temperature": e.temperature, "rows": rows, "curves": curves, "traces": traces,
-         "timings": timings}
+         "timings": timings, "pool": pool}
   # Rows that later stages added (`add_rows`) survive this stage being run again: those stages
   # are complete and will not run again to put them back.
   path = _dir(run_dir, RESULTS_FILE)
@@ -611,6 +637,166 @@ def tool_eval_stage(cfg, run_dir: str, progress: bool = True) -> dict:
 def evaluate_stage(cfg, run_dir: str, progress: bool = True) -> dict:
   res = evaluate(cfg, run_dir)
   return {"problems": res["problems"], "rows": len(res["rows"]), "timings": res["timings"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Stages that add rows (`add_rows`): constrained answer format, and check-and-retry.
+# --------------------------------------------------------------------------------------------
+
+def _heldout(run_dir):
+  return read_problems(_dir(run_dir, "task_data", "problems_heldout.jsonl"))
+
+
+def _eval_settings(cfg, run_dir):
+  from gptjax import pipeline
+  return pipeline.with_run_dir(cfg.reason_eval.copy_and_resolve_references(), run_dir)
+
+
+def _format_errors(texts) -> list[float]:
+  return [float(not ar.has_format(t)) for t in texts]
+
+
+def answer_format_rows(e, c, probs, policy, pool=None) -> tuple[list, dict]:
+  """The CoT model with its reply forced into the answer format (`c.regex`, by default worked
+  lines then a final `#### N` line) by constrained decoding, greedy and sampled (`c.samples`
+  per problem), beside the same model unconstrained: accuracy rows, and rows of the rate of
+  replies without a well-formed final line (metric 'format errors'), per band. The budget part
+  of the constraint closes a chain that would run past max_new_tokens with an answer line.
+  Unconstrained sampled format errors come from the pooled samples (`pool['formatted']`).
+  Returns (rows, traces)."""
+  from gptjax import constraints
+  model, _, tok = policy
+  constraint = constraints.compile(tok, regex=c.regex, vocab_size=model.cfg.resolved().vocab_size,
+                                   stop_ids=chat.reply_stop_ids(tok))
+  questions = [p.question for p in probs]
+  bands, gold = [p.band for p in probs], [p.answer for p in probs]
+  kw = dict(max_new_tokens=e.max_new_tokens, seed=e.seed, batch_size=e.batch_size)
+  plain = [t[0] for t in sample(policy, questions, n=1, temperature=0.0, **kw)["texts"]]
+  forced = [t[0] for t in sample(policy, questions, n=1, temperature=0.0, constraint=constraint,
+                                 **kw)["texts"]]
+  ok = [float(ar.is_correct(t, g)) for t, g in zip(forced, gold)]
+  fmt = dict(family="CoT", metric="format errors")
+  rows = [table_row("CoT, greedy, answer format forced", 1, bands, ok, family="CoT",
+                    note=f"constrained decoding to {c.regex!r}"),
+          table_row("format errors: CoT, greedy", 1, bands, _format_errors(plain), **fmt),
+          table_row("format errors: CoT, greedy, answer format forced", 1, bands,
+                    _format_errors(forced), **fmt)]
+  traces = {"CoT, greedy, answer format forced": _traces(probs, forced, ok)}
+  if c.samples:
+    texts = sample(policy, questions, n=c.samples, temperature=e.temperature,
+                   constraint=constraint, **kw)["texts"]
+    ok = [float(np.mean([ar.is_correct(t, g) for t in row])) for row, g in zip(texts, gold)]
+    rows.append(table_row("CoT, 1 sample, answer format forced", 1, bands, ok, family="CoT",
+                          note=f"mean over {c.samples} constrained samples per problem"))
+    traces["CoT, 1 sample, answer format forced"] = _traces(
+        probs, [r[0] for r in texts], [float(ar.is_correct(r[0], g)) for r, g in zip(texts, gold)])
+    if pool is not None:
+      rows.append(table_row("format errors: CoT, 1 sample", 1, bands,
+                            [1.0 - float(np.mean(f)) for f in pool["formatted"]], **fmt,
+                            note=f"over the {len(pool['formatted'][0])} pooled samples"))
+    rows.append(table_row("format errors: CoT, 1 sample, answer format forced", 1, bands,
+                          [float(np.mean(_format_errors(r))) for r in texts], **fmt))
+  return rows, traces
+
+
+def _pool(e, run_dir, probs) -> dict:
+  """reason_eval's pooled CoT samples; an evaluation written before the pool was kept gets it
+  drawn again (the same seed and batches, so the same chains)."""
+  with open(_dir(run_dir, RESULTS_FILE)) as f:
+    pool = json.load(f).get("pool")
+  if pool is None:
+    _, pool, _ = _draw_pool(e, load_policy(e.cot), [p.question for p in probs])
+    with open(_dir(run_dir, RESULTS_FILE)) as f:
+      res = json.load(f)
+    if jax.process_index() == 0:
+      _write_json(_dir(run_dir, RESULTS_FILE), {**res, "pool": pool})
+  return pool
+
+
+def answer_format_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  e = _eval_settings(cfg, run_dir)
+  probs = _heldout(run_dir)
+  t = time.time()
+  pool = _pool(e, run_dir, probs) if cfg.answer_format.samples else None
+  rows, traces = answer_format_rows(e, cfg.answer_format, probs, load_policy(e.cot), pool)
+  add_rows(run_dir, "answer_format", rows, traces=traces,
+           timings={"answer_format_s": time.time() - t})
+  return {"rows": len(rows)}
+
+
+def check_and_retry(answers, accept, retries: int, per_try: int) -> tuple[list, list]:
+  """Check-and-retry over pre-drawn chains, problem by problem: try t reads chain t*per_try as
+  its answer; `accept(q, t)` is the judge's verdict on it; the first accepted answer is kept,
+  else the last try's (as `prompting.check_and_retry`). Returns (final answers, chains read)."""
+  finals, used = [], []
+  for q, row in enumerate(answers):
+    for t in range(retries + 1):
+      answer = row[t * per_try]
+      if accept(q, t):
+        break
+    finals.append(answer)
+    used.append((t + 1) * per_try)
+  return finals, used
+
+
+def check_retry_rows(c, pool, probs) -> tuple[list, dict]:
+  """Check-and-retry: the CoT model's answer is judged and, when judged wrong, drawn again, up
+  to `c.retries` times, reading the pooled chains in order (each an independent sample, so this
+  is the sequential procedure without sampling again). Judges:
+    rederive  the CoT model solves the problem once more and the answer stands when both
+              derivations agree (two chains per try)
+    orm       the outcome RM, itself fine-tuned from the CoT model, accepts when its score is
+              above `c.orm_threshold` (0 = the average score of the SFT model's own samples on
+              training problems, fixed in advance; one chain per try)
+  A row's budget is the most chains it may read; its note gives the mean it did read and how
+  well the judge judged first tries (precision: accepted answers that are right; recall: wrong
+  answers it rejected). Returns (rows, judge statistics)."""
+  answers = pool["answers"]
+  gold, bands = [p.answer for p in probs], [p.band for p in probs]
+  n = len(answers[0])
+  rows, info = [], {}
+  for judge in c.judges:
+    if judge == "rederive":
+      per_try = 2
+      accept = lambda q, t: (answers[q][2 * t] is not None
+                             and answers[q][2 * t + 1] == answers[q][2 * t])
+    elif judge == "orm":
+      if pool["orm_scores"] is None:
+        continue
+      per_try = 1
+      accept = lambda q, t: pool["orm_scores"][q][t] > c.orm_threshold
+    else:
+      raise ValueError(f"check_retry.judges: unknown judge {judge!r}; expected 'rederive' or "
+                       "'orm'")
+    retries = min(c.retries, n // per_try - 1)
+    if retries < 1:
+      continue
+    finals, used = check_and_retry(answers, accept, retries, per_try)
+    values = [float(a is not None and a == g) for a, g in zip(finals, gold)]
+    first_ok = np.asarray([answers[q][0] == gold[q] for q in range(len(gold))])
+    first_accepted = np.asarray([bool(accept(q, 0)) for q in range(len(gold))])
+    precision = float(first_ok[first_accepted].mean()) if first_accepted.any() else None
+    recall = float((~first_accepted[~first_ok]).mean()) if (~first_ok).any() else None
+    stats = {"mean_chains": float(np.mean(used)),
+             "first_try_accepted": float(first_accepted.mean()),
+             "judge_precision": precision, "judge_recall": recall}
+    info[judge] = stats
+    show = lambda x: "–" if x is None else f"{x:.2f}"
+    rows.append(table_row(
+        f"check-and-retry x{retries}, {judge} judge", per_try * (retries + 1), bands, values,
+        family="CoT", note=(f"mean chains read {stats['mean_chains']:.2f}; the judge accepts "
+                            f"{stats['first_try_accepted']:.2f} of first tries, precision "
+                            f"{show(precision)}, rejects {show(recall)} of wrong ones")))
+  return rows, info
+
+
+def check_retry_stage(cfg, run_dir: str, progress: bool = True) -> dict:
+  e = _eval_settings(cfg, run_dir)
+  probs = _heldout(run_dir)
+  t = time.time()
+  rows, info = check_retry_rows(cfg.check_retry, _pool(e, run_dir, probs), probs)
+  add_rows(run_dir, "check_retry", rows, timings={"check_retry_s": time.time() - t})
+  return {"rows": len(rows), "judges": info}
 
 
 def report_stage(cfg, run_dir: str, progress: bool = True) -> dict:

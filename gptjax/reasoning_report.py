@@ -44,11 +44,15 @@ def load(run_dirs) -> list[dict]:
   return out
 
 
-def _cell_values(results, method, band):
+def _metric(row) -> str:
+  return row.get("metric", "accuracy")
+
+
+def _cell_values(results, method, band, metric="accuracy"):
   vals = []
   for r in results:
     for row in r["rows"]:
-      if row["method"] == method:
+      if row["method"] == method and _metric(row) == metric:
         c = row["overall"] if band == "all" else row["per_band"].get(band)
         if c and c["n"]:
           vals.append(c)
@@ -68,12 +72,20 @@ def summarise(cells) -> dict | None:
           "hi": min(1.0, float(accs.mean() + half)), "n": cells[0]["n"], "runs": len(accs)}
 
 
-def methods(results) -> list[tuple[str, int]]:
+def methods(results, metric="accuracy") -> list[tuple[str, int]]:
+  """(method, budget) of the rows measuring `metric`, in table order."""
   seen = {}
   for r in results:
     for row in r["rows"]:
-      seen.setdefault(row["method"], row["budget"])
+      if _metric(row) == metric:
+        seen.setdefault(row["method"], row["budget"])
   return list(seen.items())
+
+
+def other_metrics(results) -> list[str]:
+  """Metrics other than accuracy that some row measures (e.g. 'format errors')."""
+  return list(dict.fromkeys(_metric(row) for r in results for row in r["rows"]
+                            if _metric(row) != "accuracy"))
 
 
 def _fmt(c):
@@ -82,12 +94,12 @@ def _fmt(c):
   return f"{c['acc']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
 
 
-def table_markdown(results, bands) -> str:
+def table_markdown(results, bands, metric="accuracy") -> str:
   cols = ["all"] + bands
   lines = ["| method | budget | " + " | ".join(cols) + " |",
            "|---|---|" + "---|" * len(cols)]
-  for m, budget in methods(results):
-    cells = [_fmt(summarise(_cell_values(results, m, b))) for b in cols]
+  for m, budget in methods(results, metric):
+    cells = [_fmt(summarise(_cell_values(results, m, b, metric))) for b in cols]
     lines.append(f"| {m} | {budget} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -289,6 +301,9 @@ def write(run_dirs, out_dir: str) -> str:
   notes = row_notes(results)
   if notes:
     lines += ["Notes on rows:", "", *notes, ""]
+  for metric in other_metrics(results):
+    lines += [f"## {metric.capitalize()} (rate of replies, lower is better)", "",
+              table_markdown(results, bands, metric), ""]
   lines += ["## What holds at this scale", ""]
   lines += findings(results, bands, train_bands)
   lines += ["", "## At equal sampling budget", "", budget_table(results), ""]

@@ -15,6 +15,7 @@ from gptjax.tasks import arithmetic as ar
 
 STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "tool_data", "sft_tool",
           "orm_data", "orm", "grpo_cot", "ppo_orm", "reason_eval", "tot_eval", "tool_eval",
+          "answer_format", "check_retry",
           "report")
 
 
@@ -35,8 +36,23 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
   for m in ("direct, greedy", "CoT, greedy", "CoT, 1 sample", "self-consistency@4",
             "best-of-4, ORM", "best-of-4, oracle verifier", "grpo_cot, greedy",
             "grpo_cot, 1 sample", "grpo_cot + self-consistency@2", "ppo_orm, 1 sample",
-            "tool, greedy"):
+            "tool, greedy",
+            "CoT, greedy, answer format forced", "CoT, 1 sample, answer format forced",
+            "check-and-retry x1, rederive judge", "check-and-retry x1, orm judge"):
     assert m in methods, m
+  # Format errors, with and without the constraint: constrained decoding leaves no reply
+  # without its final `#### N` line, on any band (the budget closes chains that run long).
+  fmt = {r["method"]: r for r in res["rows"] if r.get("metric") == "format errors"}
+  assert set(fmt) == {"format errors: CoT, greedy", "format errors: CoT, 1 sample",
+                      "format errors: CoT, greedy, answer format forced",
+                      "format errors: CoT, 1 sample, answer format forced"}
+  for m in ("format errors: CoT, greedy, answer format forced",
+            "format errors: CoT, 1 sample, answer format forced"):
+    assert all(c["acc"] == 0 for c in [fmt[m]["overall"], *fmt[m]["per_band"].values()]), m
+  budgets = {r["method"]: r["budget"] for r in res["rows"]}
+  assert budgets["check-and-retry x1, rederive judge"] == 4
+  assert budgets["check-and-retry x1, orm judge"] == 2
+  assert len(res["pool"]["answers"]) == res["problems"]
   for row in res["rows"]:
     for cell in [row["overall"], *row["per_band"].values()]:
       assert cell["n"] > 0 and cell["lo"] <= cell["acc"] <= cell["hi"], row["method"]
@@ -70,6 +86,8 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
   assert "| tree search, beam 2x2, ORM |" in report and "generated tokens per problem" in report
   assert "beam tree search beats self-consistency at an equal token budget" in report
   assert "| tool, greedy | 1 |" in report and "a calculator in the decode loop beats" in report
+  assert "## Format errors" in report
+  assert "| format errors: CoT, greedy, answer format forced | 1 |" in report
   for png in ("self_consistency.png", "rl_curves.png"):
     assert f"({png})" in report
     with open(os.path.join(run, png), "rb") as f:
@@ -335,3 +353,80 @@ def test_a_later_stage_adds_rows_and_keeps_the_others(tmp_path):
   assert json.load(open(tmp_path / "reason_eval.json")) == res
   with pytest.raises(ValueError, match="'CoT, greedy' that reason_eval wrote"):
     reasoning.add_rows(str(tmp_path), "tot_eval", base)
+
+
+def test_a_finished_run_gains_the_answer_format_and_check_retry_rows(micro_reasoning, tmp_path):
+  """A run finished before these stages existed (no rows of theirs, no pooled samples in
+  reason_eval.json) gains their rows from the same pipeline command, and nothing else moves."""
+  import shutil
+  run = str(tmp_path / "run")
+  shutil.copytree(micro_reasoning, run)
+  full = json.load(open(os.path.join(run, "reason_eval.json")))
+  for stage in ("answer_format", "check_retry"):
+    shutil.rmtree(os.path.join(run, stage))
+  old = {k: v for k, v in full.items() if k != "pool"}
+  mine = ("answer_format", "check_retry")
+  old["rows"] = [r for r in full["rows"] if r.get("stage") not in mine]
+  old["traces"] = {k: v for k, v in full["traces"].items() if "answer format" not in k}
+  old["timings"] = {k: v for k, v in full["timings"].items()
+                    if k not in ("answer_format_s", "check_retry_s")}
+  old["rows"][0] = dict(old["rows"][0], note="kept as it was")   # shows a recomputation
+  with open(os.path.join(run, "reason_eval.json"), "w") as f:
+    json.dump(old, f)
+  proc = subprocess.run(reasoning_cmd(run), env=child_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "reason_eval: complete, skipping" in proc.stdout
+  res = json.load(open(os.path.join(run, "reason_eval.json")))
+  n_old = len(old["rows"])
+  assert res["rows"][:n_old] == old["rows"]
+  # The new rows are the fresh run's: the pool is drawn again with the same seed.
+  assert res["rows"][n_old:] == [r for r in full["rows"] if r.get("stage") in mine]
+  assert res["pool"] == full["pool"]
+  assert "## Format errors" in open(os.path.join(run, "report.md")).read()
+
+
+def test_check_and_retry_keeps_the_first_accepted_try_else_the_last():
+  answers = [[5, 5, 7, 7], [1, 2, 3, 3], [None, None, 4, 9], [8, 8, 8, 8]]
+  agree = lambda q, t: answers[q][2 * t] is not None and answers[q][2 * t + 1] == answers[q][2 * t]
+  finals, used = reasoning.check_and_retry(answers, agree, retries=1, per_try=2)
+  assert finals == [5, 3, 4, 8] and used == [2, 4, 4, 2]
+  never = lambda q, t: False
+  finals, used = reasoning.check_and_retry(answers, never, retries=3, per_try=1)
+  assert finals == [7, 3, 9, 8] and used == [4, 4, 4, 4]
+
+
+def test_check_retry_rows_from_a_pool():
+  probs = [ar.Problem(f"q{i}", a, "add-1d", "") for i, a in enumerate([5, 3, 4, 9])]
+  pool = {"answers": [[5, 5, 7, 7], [1, 2, 3, 3], [None, None, 4, 9], [8, 8, 8, 8]],
+          "orm_scores": [[1.0, 0, 0, 0], [-1, -1, 2, 0], [0, 1, 0, 0], [3, 3, 3, 3]]}
+  import ml_collections
+  c = ml_collections.ConfigDict(dict(judges=("rederive", "orm"), retries=3, orm_threshold=0.5))
+  rows, info = reasoning.check_retry_rows(c, pool, probs)
+  by = {r["method"]: r for r in rows}
+  # rederive: 5 (agree), 3 (second try agrees), 4 (last try), 8 (agree) -> 3 of 4 right.
+  assert by["check-and-retry x1, rederive judge"]["overall"]["acc"] == 0.75
+  assert by["check-and-retry x1, rederive judge"]["budget"] == 4
+  # orm (threshold 0.5): 5 (first), 3 (third chain), None (second chain: 1 > 0.5), 8 -> 2 of 4.
+  assert by["check-and-retry x3, orm judge"]["overall"]["acc"] == 0.5
+  assert info["orm"]["mean_chains"] == (1 + 3 + 2 + 1) / 4
+  # First tries: accepted q0 (right) and q3 (wrong); of the three wrong ones, q1 and q2 rejected.
+  assert info["orm"]["judge_precision"] == 0.5
+  assert info["orm"]["judge_recall"] == pytest.approx(2 / 3)
+
+
+def test_rows_of_other_metrics_get_their_own_table(tmp_path):
+  bands = ["a", "a", "b"]
+  rows = [reasoning.table_row("m", 1, bands, [1, 0, 1]),
+          reasoning.table_row("format errors: m", 1, bands, [0, 1, 1], metric="format errors"),
+          reasoning.table_row("m forced", 1, bands, [1, 1, 0], note="a note")]
+  assert "metric" not in rows[0] and rows[1]["metric"] == "format errors"
+  res = {"bands": ["a", "b"], "train_bands": ["a"], "problems": 3, "samples": 1,
+         "temperature": 1.0, "rows": rows, "curves": {}, "traces": {}}
+  (tmp_path / "reason_eval.json").write_text(json.dumps(res))
+  text = open(reasoning_report.write([str(tmp_path)], str(tmp_path))).read()
+  main, fmt = text.split("## Format errors")
+  assert "| m | 1 | 0.67 [" in main and "| m forced | 1 |" in main and "*m forced*: a note" in main
+  assert "format errors: m" not in main
+  assert "| format errors: m | 1 | 0.67 [" in fmt.split("##")[0]
+  assert "format errors: m" not in text.split("## At equal sampling budget")[1]
