@@ -161,37 +161,135 @@ for name, p in cmp["policies"].items():
 display(Markdown(open(os.path.join(RUN, "report.md")).read()))''']),
     "05_using_the_model": notebook(
         "05 · Using the model",
-        "Sampling is a random rollout controlled by temperature, top-k, top-p and min-p; "
-        "chain-of-thought gives the model tokens to think with; self-consistency votes over "
-        "samples; best-of-N reranks by the reward model.",
-        ['cfg = run_stages("tokenizer", "pretrain", "sft", "rm_data", "reward")',
-         '''from gptjax import prompting
-from gptjax import checkpoint
-model, params, tok = checkpoint.load_for_inference(os.path.join(RUN, "sft"))[:3]
-gen = prompting.make_text_generator(model, params, tok, seed=0, max_new_tokens=24)
-ask = "<|user|>How fares my lord?<|end|><|assistant|>"
+        "How to use an assistant beyond sampling one reply: the sampler's controls, "
+        "chain-of-thought, self-consistency and best-of-N; a calculator called inside the decode "
+        "loop; constrained decoding to a regular expression or a JSON schema; tree-of-thought "
+        "search; check-and-retry; and retrieval. The models are the arithmetic recipe's (notebook "
+        "06 measures every method on them): on a task with one exact answer, what each technique "
+        "does can be checked. Only the stages used here run, and notebook 06 reuses them.",
+        ['''# The arithmetic recipe's models: a direct and a chain-of-thought (CoT) SFT model, a model
+# trained to call a calculator, and the outcome reward model (ORM). Finished stages are skipped.
+REASON_RUN = os.path.abspath(os.environ.get("GPTJAX_REASONING_RUN_DIR",
+                                            os.path.join(RUN, "reasoning")))
+USED = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "tool_data", "sft_tool",
+        "orm_data", "orm")
+rcfg = config.load(os.path.join(REPO, "experiments/arithmetic_reasoning.py:" +
+                                ("micro" if SMOKE else "tiny")), [f"pipeline.stages={USED!r}"])
+assert pipeline.run(rcfg, REASON_RUN, progress=not SMOKE) == 0
+
+import numpy as np
+from gptjax import prompting, reasoning
+from gptjax.data import chat
+from gptjax.tasks import arithmetic as ar
+cot = reasoning.load_policy(os.path.join(REASON_RUN, "sft_cot"))
+direct = reasoning.load_policy(os.path.join(REASON_RUN, "sft_direct"))
+orm = reasoning.load_reward_scorer(os.path.join(REASON_RUN, "orm"))
+held_out = reasoning.read_problems(os.path.join(REASON_RUN, "task_data", "problems_heldout.jsonl"))
+problems = held_out[:4]
+questions = [p.question for p in problems]
+NEW = rcfg.reason_eval.max_new_tokens
+for p in problems:
+    print(f"{p.band:10s} {p.question}  -> {p.answer}")''',
+         '''# Sampling controls, on the CoT model: temperature (0 = greedy), top-k, top-p, min-p.
+model, params, tok = cot
+gen = prompting.make_text_generator(model, params, tok, seed=0, max_new_tokens=NEW)
+problem = problems[0]
+ask = f"<|user|>{problem.question}<|end|><|assistant|>"      # the chat template's prompt
 for controls in [dict(temperature=0.0), dict(temperature=0.7, top_k=20),
                  dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, min_p=0.1)]:
-    print(controls, "->", gen([ask], 2, **controls)[0])''',
-         '''# Chain-of-thought and self-consistency: a tiny model cannot reason, but the machinery is the
-# same one a large model would use (prompt, extract an answer, vote).
-prompt = prompting.cot_prompt("What is two and two?")
-votes = prompting.self_consistency(gen, [prompt], n=8, temperature=0.9)
-print(votes[0])''',
-         '''# Best-of-N with the reward model as the scorer.
-from gptjax.reward_model import load_reward_model
-from gptjax.data import chat
-rm = load_reward_model(os.path.join(RUN, "reward"))
-def rm_scorer(prompt, completions):
-    ids = chat.render_prompt([{"role": "user", "content": "How fares my lord?"}], rm.tokenizer)
-    return rm([ids] * len(completions), [rm.tokenizer.encode(c) for c in completions])
-ranked = prompting.best_of_n(gen, [ask], n=8, scorer=rm_scorer, temperature=1.0)
-print(ranked[0])''',
-         '''# Retrieval: a BM25 index over speeches, prepended to the prompt.
+    print(controls, "->", repr(gen([ask], 1, **controls)[0][0]))
+# The direct model answers at once; the CoT model writes its working first, then `#### N`.
+dgen = prompting.make_text_generator(*direct, seed=0, max_new_tokens=16)
+print("direct:", dgen([ask], 1, temperature=0.0)[0][0], "| gold:", problem.answer)''',
+         '''# Self-consistency: sample several chains and vote over their final answers. Best-of-N: keep
+# the chain the outcome RM scores highest.
+def final(text):
+    answer = ar.extract_final(text)
+    return None if answer is None else str(answer)
+vote = prompting.self_consistency(gen, [ask], n=8, temperature=1.0, extract=final)[0]
+print("answers", vote.answers, "-> vote", vote.answer, "| gold", problem.answer)
+end = tok.special_ids["<|end|>"]
+def orm_scorer(prompt, completions):
+    ids = chat.render_prompt(problem.question, tok)
+    return orm([ids] * len(completions), [tok.encode(c) + [end] for c in completions])
+ranked = prompting.best_of_n(gen, [ask], n=8, scorer=orm_scorer, temperature=1.0)[0]
+print("ORM scores", np.round(ranked.scores, 2), "-> best", final(ranked.best))''',
+         '''# A calculator inside the decode loop. The tool model writes `<|tool_call|>347*86<|end|>`; the
+# engine pauses that row, runs the calculator on the host, appends `<|tool_result|>...` to the
+# same KV cache (nothing is prefilled again) and the row goes on; other rows keep decoding.
+from gptjax import engine, sampling, tools
+tmodel, tparams, ttok = reasoning.load_policy(os.path.join(REASON_RUN, "sft_tool"))
+prompts, lengths = sampling.pad_prompts(reasoning.prompt_ids(questions, ttok), pad_id=ttok.pad_id)
+stats = engine.EngineStats()
+out = engine.generate(tmodel, tparams, prompts, lengths, rng=0, max_new_tokens=NEW,
+                      temperature=0.0, eos_ids=chat.reply_stop_ids(ttok), pad_id=ttok.pad_id,
+                      tools=tools.calculator_loop(ttok), stats=stats)
+for i, p in enumerate(problems):
+    t = tools.read_transcript(np.asarray(out.completion[i])[:int(out.lengths[i])], ttok)
+    print(p.question, "\\n  " + t.text.replace("\\n", "\\n  "), "\\n  calls:", t.calls,
+          "| correct:", ar.is_correct(t.text, p.answer))
+print("tool calls", stats.tool_calls, "| where the tool's tokens are:", stats.tool_spans)
+# On the command line: gptjax chat --tools calculator, or gptjax sample --chat --tools calculator''',
+         '''# Constrained decoding: a token mask from a regular expression (or a JSON schema), applied in
+# the compiled decode loop. Forced into the answer format, every reply ends with `#### N`.
+from gptjax import constraints
+fmt = constraints.compile(tok, regex=r"([^#\\n][^\\n]*\\n)*#### -?[0-9]+",
+                          vocab_size=model.cfg.resolved().vocab_size,
+                          stop_ids=chat.reply_stop_ids(tok))
+for name, forced in (("free", None), ("constrained", fmt)):
+    s = reasoning.sample(cot, questions, n=2, temperature=1.0, max_new_tokens=NEW, seed=0,
+                         batch_size=8, constraint=forced)
+    ok = [ar.has_format(t) for row in s["texts"] for t in row]
+    print(f"{name:12s} well-formed {sum(ok)}/{len(ok)}", repr(s["texts"][0][0][-40:]))
+# A JSON schema compiles through its regex. This character vocabulary has no braces or quotes,
+# so here the direct model's reply is held to a JSON integer.
+print(constraints.regex_from_schema({"type": "object", "required": ["answer"],
+                                     "properties": {"answer": {"type": "integer"}}}))
+dmodel, dparams, dtok = direct
+as_json = constraints.compile(dtok, json_schema={"type": "integer"},
+                              vocab_size=dmodel.cfg.resolved().vocab_size,
+                              stop_ids=chat.reply_stop_ids(dtok))
+s = reasoning.sample(direct, questions, n=1, temperature=1.0, max_new_tokens=16, seed=0,
+                     batch_size=8, constraint=as_json)
+print([json.loads(row[0]) for row in s["texts"]], "| gold", [p.answer for p in problems])''',
+         '''# Tree-of-thought search: expand `branch` sampled next lines of each chain, score the partial
+# chains with the outcome RM, keep the best (beam search; best_first_search is the other).
+from gptjax import search
+tc = rcfg.tot_eval
+ids = reasoning.prompt_ids(questions, tok)
+expand = search.model_expand(cot, ids, branch=tc.branch, temperature=tc.temperature,
+                             max_step_tokens=tc.max_step_tokens, max_chain_tokens=NEW, seed=0,
+                             batch_size=16)
+outcomes = search.beam_search(len(problems), expand=expand,
+                              score=search.reward_score(orm, ids, batch_size=16),
+                              beam_width=tc.beam_width, max_depth=tc.max_depth)
+for p, o in zip(problems, outcomes):
+    print(p.question, f"| {o.tokens} tokens generated | correct:",
+          ar.is_correct(o.best.text, p.answer))
+    print("  " + o.best.text.replace("\\n", "\\n  "))''',
+         '''# Check-and-retry: judge the answer and draw again when the judge rejects it. Judges: the ORM
+# (a score above 0) and re-derivation (a second chain must reach the same answer).
+def orm_judge(prompt, completion):
+    return float(orm_scorer(prompt, [completion])[0]) > 0
+def rederive_judge(prompt, completion):
+    again = gen([prompt], 1, temperature=1.0)[0][0]
+    return final(completion) is not None and final(again) == final(completion)
+for name, judge in (("orm", orm_judge), ("rederive", rederive_judge)):
+    checked = prompting.check_and_retry(gen, ask, check=judge, max_tries=3, temperature=1.0)
+    print(f"{name:9s} tries {checked.tries}, accepted {checked.ok}, answers",
+          [final(c) for c, _ in checked.history], "| gold", problem.answer)
+# Notebook 06's table measures this on every held-out problem (the check_retry rows).''',
+         '''# Retrieval on the plays: questions with exact answers made from the corpus, and BM25 over
+# every line of every play. The recipe experiments/retrieval_qa.py trains a model to answer them
+# closed-book and with the retrieved passages in its prompt, and measures both.
 from gptjax.data import shakespeare
-passages = [s.text for s in shakespeare.load_plays()[0].speeches[:200]]
-bm25 = prompting.BM25(passages)
-print(prompting.retrieval_prompt(bm25, "love and night", k=2)[:400])''']),
+from gptjax.tasks import plays_qa as qa
+passages = qa.make_passages(shakespeare.load_plays(), lines_per_passage=1)
+bm25 = prompting.BM25([p.render() for p in passages])
+for q in qa.generate(passages, qa.KINDS, 2, split="heldout", seed=0):
+    hits = [i for i, _ in bm25.top_k(qa.retrieval_query(q.question), 3)]
+    print(q.question, "->", q.answer, "| its passage retrieved:", bool(set(hits) & set(q.gold)))
+print(qa.retrieval_prompt(q.question, [passages[i].render() for i in hits]))''']),
     "06_reasoning": notebook(
         "06 · Reasoning you can check: arithmetic with a verifier",
         "An embedded arithmetic task with one exact answer per problem. From one base model, SFT "

@@ -16,9 +16,13 @@ def test_notebooks_are_generated_from_the_script():
                        "04_rlhf.ipynb", "05_using_the_model.ipynb", "06_reasoning.ipynb"]
 
 
+# Notebooks on the arithmetic recipe's models (05 uses them: its tool model, ORM and task).
+REASONING_NOTEBOOKS = ("05_using_the_model.ipynb", "06_reasoning.ipynb")
+
+
 def _run_group(name):
   # The session run a notebook reads; under xdist its notebooks share that run's worker.
-  return "micro_reasoning" if name == "06_reasoning.ipynb" else "micro_pipeline"
+  return "micro_reasoning" if name in REASONING_NOTEBOOKS else "micro_pipeline"
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(_run_group(n)))
@@ -28,7 +32,7 @@ def test_notebook_executes(name, request, monkeypatch):
   # (plots, sampling, scoring) without training every stage again.
   monkeypatch.setenv("GPTJAX_NOTEBOOK_SMOKE", "1")
   if _run_group(name) == "micro_reasoning":
-    # Its own recipe, run once per session and shared with tests/test_reasoning.py.
+    # The arithmetic recipe, run once per session and shared with tests/test_reasoning.py.
     monkeypatch.setenv("GPTJAX_REASONING_RUN_DIR", request.getfixturevalue("micro_reasoning"))
   else:
     monkeypatch.setenv("GPTJAX_RUN_DIR", request.getfixturevalue("micro_pipeline"))
