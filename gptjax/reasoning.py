@@ -303,7 +303,12 @@ def table_row(method: str, budget: int, bands: list[str], values, *, family: str
     n = int(mask.sum())
     s = float(values[mask].sum())
     lo, hi = ar.wilson_interval(s, n)
-    return {"acc": s / n if n else None, "lo": lo, "hi": hi, "n": n}
+    acc = s / n if n else None
+    if acc is not None:
+      # Wilson's bound at s = n (or 0) is 1 (or 0) only up to rounding (6 of 6 gave hi
+      # 0.9999999999999999 < acc): the interval must hold its own estimate.
+      lo, hi = min(lo, acc), max(hi, acc)
+    return {"acc": acc, "lo": lo, "hi": hi, "n": n}
 
   bands_arr = np.asarray(bands)
   row = {"method": method, "budget": int(budget), "family": family, "note": note,

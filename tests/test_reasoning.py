@@ -430,3 +430,10 @@ def test_rows_of_other_metrics_get_their_own_table(tmp_path):
   assert "format errors: m" not in main
   assert "| format errors: m | 1 | 0.67 [" in fmt.split("##")[0]
   assert "format errors: m" not in text.split("## At equal sampling budget")[1]
+
+
+def test_a_cell_of_all_successes_holds_its_own_estimate():
+  # Wilson's upper bound at 6 of 6 rounds to 0.9999999999999999; the cell must still hold 1.
+  for values in ([1] * 6, [0] * 6, [1, 0, 1]):
+    c = reasoning.table_row("m", 1, ["a"] * len(values), values)["per_band"]["a"]
+    assert c["lo"] <= c["acc"] <= c["hi"], c
