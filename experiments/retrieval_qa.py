@@ -100,6 +100,10 @@ def get_config(arg=None):
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.stages = (("qa_data", "tokenizer", "sft_qa", "qa_eval", "report") if preset == "micro"
                        else ("qa_data", "tokenizer", "pretrain", "sft_qa", "qa_eval", "report"))
+  # `--seeds 0,1,2` trains and evaluates the SFT model again per seed from the one base (the
+  # questions, passages and tokenizer are the task, not the method), and the report pools them.
+  c.pipeline.seeds = ()
+  c.pipeline.seeded_stages = ("sft_qa", "qa_eval")
   c.pipeline.stage_fns = {
       "qa_data": "gptjax.retrieval:qa_data_stage",
       "tokenizer": "gptjax.retrieval:tokenizer_stage",

@@ -110,6 +110,22 @@ def test_bm25_finds_the_line_it_is_asked_about(corpus):
   assert sum(top1) >= 48, sum(top1)
 
 
+def test_the_ceiling_prompt_keeps_the_k_passage_format():
+  """The 'gold' prompt is BM25's where BM25 found the answer's passage, and otherwise BM25's with
+  that passage in the lowest-ranked slot: the format the reader was fine-tuned on, k passages."""
+  from gptjax import retrieval
+  passages = [qa.Passage(play=f"p{i}", title=f"Play {i}", speaker=f"P{i}", text=f"line number {i}")
+              for i in range(6)]
+  hit = {"question": "Who says: 'line number 2'?", "retrieved": [4, 2, 5], "gold": [2]}
+  miss = dict(hit, retrieved=[4, 5, 1])
+  kw = dict(k=3, max_chars=80)
+  assert retrieval.prompt_for(hit, "gold", passages, **kw) == \
+      retrieval.prompt_for(hit, "bm25", passages, **kw)
+  got = retrieval.prompt_for(miss, "gold", passages, **kw)
+  want = qa.retrieval_prompt(miss["question"], [passages[i].render() for i in (4, 5, 2)])
+  assert got == want and got != retrieval.prompt_for(miss, "bm25", passages, **kw)
+
+
 def test_the_micro_pipeline_answers_both_ways_and_reports(tmp_path):
   run = str(tmp_path / "run")
   proc = subprocess.run([sys.executable, "-m", "gptjax.main", "pipeline", "--config",
@@ -121,7 +137,7 @@ def test_the_micro_pipeline_answers_both_ways_and_reports(tmp_path):
   assert res["bands"] == ["who-says", "which-play"] and res["problems"] == 12
   methods = [r["method"] for r in res["rows"]]
   assert methods == ["closed-book, greedy", "BM25 top-2 passages in the prompt, greedy",
-                     "the answer's passage in the prompt, greedy",
+                     "BM25 top-2 with the answer's passage ensured, greedy",
                      "BM25 recall@2 (the answer's passage retrieved)"]
   for row in res["rows"]:
     assert row["overall"]["n"] == 12 and row["overall"]["lo"] <= row["overall"]["acc"] <= \
@@ -137,3 +153,27 @@ def test_the_micro_pipeline_answers_both_ways_and_reports(tmp_path):
   assert not held & {m["messages"][0]["content"] for m in sft}
   report = open(os.path.join(run, "report.md")).read()
   assert "| closed-book, greedy | 1 |" in report and "against closed-book, greedy" in report
+
+
+def test_the_report_pools_training_seeds(tmp_path):
+  """With several seeds' runs a cell is the mean over the seeds with a t-interval, not one run's
+  Wilson interval; with one run it is that run's cell."""
+  from gptjax import reasoning, retrieval
+  kinds = ["who-says"] * 4 + ["which-play"] * 4
+  runs = []
+  for seed, closed, bm25 in ((0, [0] * 8, [1] * 8), (1, [1] + [0] * 7, [1] * 6 + [0] * 2)):
+    d = tmp_path / f"s{seed}"
+    d.mkdir()
+    rows = [reasoning.table_row("closed-book, greedy", 1, kinds, closed),
+            reasoning.table_row("BM25 top-3 passages in the prompt, greedy", 1, kinds, bm25)]
+    (d / retrieval.RESULTS_FILE).write_text(json.dumps(
+        {"bands": ["who-says", "which-play"], "problems": 8, "rows": rows, "k": 3,
+         "traces": {}, "timings": {"total_s": 1.0}}))
+    runs.append(str(d))
+  one = open(retrieval.write_report(runs[0], str(tmp_path / "one"))).read()
+  assert "| BM25 top-3 passages in the prompt, greedy | 1 | 1.00 [0.68, 1.00] |" in one
+  both = open(retrieval.write_report(runs, str(tmp_path / "both"))).read()
+  assert "2 training seeds" in both
+  # BM25: 8/8 and 6/8 -> mean 0.875; half-width t(1) 12.71 * std 0.177 / sqrt 2 = 1.59 -> [0, 1].
+  assert "| BM25 top-3 passages in the prompt, greedy | 1 | 0.88 [0.00, 1.00] |" in both
+  assert "| closed-book, greedy | 1 | 0.06 [0.00, 0.86] |" in both
