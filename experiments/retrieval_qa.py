@@ -1,7 +1,7 @@
 """Retrieval on the plays: exact-answer questions made from the corpus, answered closed-book and
 with BM25-retrieved passages in the prompt, by one SFT model.
 
-    gptjax pipeline --config experiments/retrieval_qa.py:tiny --workdir runs/retrieval
+    gptjax pipeline --config experiments/retrieval_qa.py:tiny --workdir runs/retrieval --seeds 0,1,2
 
 Stages (the training ones are ordinary runners pointed at the task's files; `{run}` is the run
 directory):
@@ -18,7 +18,8 @@ directory):
     report      <run>/report.md (gptjax/retrieval.py)
 
 Presets: `micro` (tests: three plays, no pretraining, seconds per stage; the numbers mean
-nothing) and `tiny` (2 CPU cores; not yet measured).
+nothing) and `tiny` (2 CPU cores: about 28 minutes for the first seed and 20 for each further
+one on a shared host; figures in README and benchmarks/RESULTS.md).
 """
 
 import ml_collections
