@@ -11,12 +11,16 @@ that only adapters get gradients and optimizer state, merging adapters into the 
 export, and loading a LoRA run's workdir (its checkpoint holds adapters only; the base comes from
 that run's own `train.init_from`), and the PEFT export (`export_peft`).
 
-QLoRA (`model.lora.base_quant`) is refused for now: qwix's quantize_params reads its scale axes
-from the per-layer compute shape, and our layers are one scanned [L, ...] kernel.
+QLoRA (`model.lora.base_quant = "int8" | "nf4"`): the targeted kernels of the frozen base are
+stored quantized (`quantize_base`, formats in gptjax/qlora.py), once, when the base is built;
+each is dequantized inside the layer scan when its Dense reads it, and the adapters are added on
+top of that matmul. qwix's own `quantize_params` is not used: it takes its scale axes from the
+per-layer compute shape, and our layers are one scanned [L, ...] kernel.
 
 The reference policy of PPO, GRPO and DPO is the base with the adapters off: `base_model(model)`
-applied to `base` (the same buffers the policy reads), so one copy of the base weights serves
-both. qwix initialises B at zero, so a fresh adapter leaves the logits equal to the base's.
+applied to `base` (the same buffers the policy reads, quantized ones included), so one copy of
+the base weights serves both. qwix initialises B at zero, so a fresh adapter leaves the logits
+equal to the base's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gptjax import qlora
 
 # Logical target names -> module path regexes inside a GPT (relative, so they match the scanned
 # stack `blocks/attn/query` and the per-layer modules of cached decoding `attn/query` alike).
@@ -73,12 +79,6 @@ class LoraSpec:
         bad("targets", f"unknown target {t!r}; expected some of {', '.join(TARGETS)}")
     if self.base_quant not in BASE_QUANTS:
       bad("base_quant", f"expected None, 'int8' or 'nf4', got {self.base_quant!r}")
-    if self.base_quant is not None:
-      # qwix's quantize_params takes its scales from the per-layer compute shape, but our layers
-      # are one scanned [L, ...] kernel: it would share scales across layers and quantise along
-      # the wrong axes. Refused until the base is quantised layer by layer.
-      bad("base_quant", f"{self.base_quant!r}: QLoRA is not supported yet for the scanned layer "
-          "stack; set it to None")
 
 
 def default_config() -> dict:
@@ -126,7 +126,9 @@ def wrap(model: nn.Module, spec: LoraSpec | None, *, training: bool = False) -> 
   import qwix
   rule = qwix.LoraRule(module_path=spec.module_regex(), rank=spec.rank, alpha=spec.alpha,
                        dropout=spec.dropout if training else 0.0)
-  out = qwix.apply_lora_to_model(base_model(model), qwix.LoraProvider([rule]))
+  provider = (qlora.lora_provider([rule]) if spec.base_quant is not None
+              else qwix.LoraProvider([rule]))
+  out = qwix.apply_lora_to_model(_plain(model), provider)
   type(out)._gptjax_lora = (spec, training)
   return out
 
@@ -135,14 +137,35 @@ def spec_of(model) -> LoraSpec | None:
   return getattr(type(model), "_gptjax_lora", (None, False))[0]
 
 
-def base_model(model: nn.Module) -> nn.Module:
-  """The same network with the adapters off (qwix's wrapper removed)."""
+def _plain(model: nn.Module) -> nn.Module:
+  """The network with every qwix wrapper removed."""
   cls = getattr(type(model), "_unquantized_type", None)
   if cls is None:
     return model
   m = model.copy()
   m.__class__ = cls
   return m
+
+
+def base_model(model: nn.Module) -> nn.Module:
+  """The same network with the adapters off: the plain network, or for QLoRA the network that
+  reads the quantized base (dequantizing its kernels, no adapters)."""
+  if getattr(type(model), "_gptjax_quantized_base", None) is not None:
+    return model
+  spec = spec_of(model)
+  plain = _plain(model)
+  if spec is None or spec.base_quant is None:
+    return plain
+  import qwix
+  out = qwix.quantize_model(plain, qlora.base_provider(spec.module_regex()))
+  type(out)._gptjax_quantized_base = spec
+  return out
+
+
+def quantize_base(params, spec: LoraSpec | None):
+  """For QLoRA, `params` with the targeted kernels stored quantized (adapters and every other
+  leaf untouched; already quantized kernels kept). The tree itself otherwise."""
+  return qlora.quantize_base(params, spec)
 
 
 def training_model(model: nn.Module) -> nn.Module:
@@ -236,7 +259,8 @@ def merge(params, spec: LoraSpec):
   output dims flattened in order; every GPT kernel lists its contracting dims first, so the product
   reshapes straight onto the kernel (scanned layers add a leading [L] to all three).
   """
-  flat = _flatten(dict(params))
+  # A QLoRA base is merged as the adapters saw it: dequantized.
+  flat = _flatten(dict(qlora.dequantize_base(params)))
   out = {}
   for path, v in flat.items():
     name = path[-1]
@@ -282,7 +306,8 @@ def load_merged(workdir: str, abstract_plain, *, step: int | None = None, shardi
   base = split(fresh_full)[1]
   if cfg.train.init_from:
     base = ckpt_lib.init_from_workdir(cfg.train.init_from, base)
-  return merge(combine(base, trainable), spec)
+  # QLoRA: the adapters were trained on the quantized base, so they are merged into that.
+  return merge(combine(quantize_base(base, spec), trainable), spec)
 
 
 def wrap_for_config(cfg):
@@ -346,7 +371,9 @@ class Adapters:
       base_params = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=sh)(init_rng)
       if init_from is not None:
         base_params = init_from(base_params)
-    start, base = split(base_params)
+    # QLoRA: the base is stored quantized from here on (the stages that built base_params have
+    # done it already, and it is not done twice).
+    start, base = split(quantize_base(base_params, spec))
 
     def lora_init_params(rng):
       return split(init_params(rng))[0]

@@ -123,9 +123,166 @@ def test_gpt2_targets_and_bad_spec():
   assert names == {"query", "fc", "proj"}
   with pytest.raises(ConfigError, match="model.lora.targets: unknown target 'qq'"):
     lora.spec_from_dict({"rank": 4, "targets": ("qq",)})
-  with pytest.raises(ConfigError, match="model.lora.base_quant"):
+  with pytest.raises(ConfigError, match="model.lora.base_quant: expected None, 'int8' or 'nf4', "
+                     "got 'int3'"):
     lora.spec_from_dict({"rank": 4, "base_quant": "int3"})
+  assert lora.spec_from_dict({"rank": 4, "base_quant": "nf4"}).base_quant == "nf4"
+  assert lora.spec_from_dict({"rank": 4, "base_quant": "none"}).base_quant is None
   assert lora.spec_from_dict({"rank": 0}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: the frozen base stored int8 or nf4 (gptjax/qlora.py)
+# --------------------------------------------------------------------------------------------
+
+def _kernel(shape, seed=0):
+  w = 0.02 * jax.random.normal(jax.random.key(seed), shape)
+  # One outlier per kernel, so absmax scaling has something to do.
+  return w.at[(0,) * len(shape)].set(0.3)
+
+
+def test_int8_per_channel_absmax_error_is_at_most_half_a_step():
+  from gptjax import qlora
+  # A scanned attention output kernel: [L, heads, head_dim, D], contracting (heads, head_dim).
+  w = _kernel((2, 4, 8, 32)).at[1, :, :, 5].set(0.0)        # one all-zero output channel
+  q = qlora.quantize_kernel(w, "int8", contracting=2, output=1)
+  assert q.codes.dtype == jnp.int8 and q.codes.shape == w.shape
+  assert q.scales.shape == (2, 32) and q.shape == w.shape
+  scale = np.asarray(q.scales)[:, None, None, :]
+  # Per layer and output channel: the scale is that channel's absmax over the contracting dims.
+  absmax = np.abs(np.asarray(w)).max(axis=(1, 2), keepdims=True)
+  # (XLA may divide by 127 as a multiply by 1/127: one float32 ulp either way.)
+  np.testing.assert_allclose(scale, absmax / np.float32(127), rtol=2e-7, atol=0)
+  err = np.abs(np.asarray(q.dequantize()) - np.asarray(w))
+  # Rounding to the nearest code is off by at most half a step; the 1e-6 covers the float32
+  # rounding of w / scale and of code * scale.
+  assert np.all(err <= scale / 2 * (1 + 1e-6)), float((err / scale).max())
+  assert float(err.max()) > 0                                 # it did quantize
+  assert not np.asarray(q.dequantize())[1, :, :, 5].any()     # a zero channel stays zero
+  assert q.nbytes == w.size + 4 * 2 * 32
+
+
+def test_nf4_codes_are_the_16_levels_with_per_block_absmax():
+  from qwix._src.core import numerics
+  from gptjax import qlora
+  # The levels derived from normal quantiles equal qwix's table of QLoRA's appendix E.
+  np.testing.assert_allclose(qlora.NF4_LEVELS, np.asarray(numerics.get_nf4_buckets()), atol=3e-7)
+  # [L, in, out] with 33 * 7 = 231 weights per layer: 3 full blocks of 64 and a padded one.
+  w = _kernel((2, 33, 7), seed=1)
+  q = qlora.quantize_kernel(w, "nf4", contracting=1, output=1)
+  assert q.codes.dtype == jnp.uint8 and q.codes.shape == (2, 4, 32)   # two codes per byte
+  assert q.scales.shape == (2, 4) and q.shape == w.shape
+  codes = np.stack([np.asarray(q.codes) & 15, np.asarray(q.codes) >> 4], -1).reshape(2, -1)
+  flat = np.pad(np.asarray(w).reshape(2, -1), ((0, 0), (0, 4 * 64 - 231)))
+  blocks = flat.reshape(2, 4, 64)
+  absmax = np.abs(blocks).max(-1)
+  np.testing.assert_array_equal(np.asarray(q.scales), absmax)
+  normed = (blocks / absmax[..., None]).reshape(2, -1)
+  # Each weight got the level nearest to w / absmax (ties either way)...
+  dist = np.abs(normed[..., None] - qlora.NF4_LEVELS)
+  chosen = np.take_along_axis(dist, codes[..., None].astype(np.int64), -1)[..., 0]
+  np.testing.assert_allclose(chosen, dist.min(-1), atol=1e-7)
+  # ...so every dequantized weight is a level times its block's absmax, the block's largest
+  # weight comes back exactly, and the error is at most half the widest gap between levels.
+  deq = np.pad(np.asarray(q.dequantize()).reshape(2, -1), ((0, 0), (0, 4 * 64 - 231)))
+  np.testing.assert_array_equal(deq.reshape(2, 4, 64),
+                                qlora.NF4_LEVELS[codes].reshape(2, 4, 64) * absmax[..., None])
+  np.testing.assert_array_equal(np.abs(deq.reshape(2, 4, 64)).max(-1), absmax)
+  half_gap = np.diff(qlora.NF4_LEVELS).max() / 2
+  err = np.abs(deq - flat).reshape(2, 4, 64)
+  assert np.all(err <= absmax[..., None] * half_gap * (1 + 1e-6))
+  assert q.nbytes == 2 * 4 * 32 + 4 * 2 * 4
+
+
+QSPECS = {kind: lora.LoraSpec(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "mlp"),
+                              base_quant=kind) for kind in ("int8", "nf4")}
+
+
+@pytest.fixture(scope="module", params=["int8", "nf4"])
+def qsetup(request):
+  spec = QSPECS[request.param]
+  model = lora.wrap(GPT(CFG), spec)
+  trainable, base = lora.split(_init(model))
+  return spec, model, trainable, lora.quantize_base(base, spec)
+
+
+def test_qlora_frozen_base_is_stored_quantized(qsetup):
+  from gptjax import qlora
+  spec, model, trainable, qbase = qsetup
+  flat = lora._flatten(qbase)
+  quantized = {p for p, v in flat.items() if qlora.is_quantized(v)}
+  # All 7 targeted kernels of the layer stack, nothing else (embeddings, norms, the LM head).
+  assert {p[-2] for p in quantized} == {"query", "key", "value", "out", "gate", "up", "proj"}
+  assert all(p[0] == "blocks" for p in quantized)
+  stored, fp32 = qlora.quantized_nbytes(qbase)
+  n = fp32 // 4
+  if spec.base_quant == "int8":
+    # 1 byte a weight plus one float32 scale per output channel and layer.
+    out_channels = sum(int(np.prod(flat[p].array.scales.shape)) for p in quantized)
+    assert stored == n + 4 * out_channels and stored / fp32 < 0.3
+  else:
+    # Half a byte a weight plus one float32 absmax per block of 64 (none of these kernels
+    # needs padding): 0.5625 bytes a weight, 1/7.1 of float32.
+    assert stored == n // 2 + 4 * (n // 64) and stored / fp32 == pytest.approx(0.140625)
+  # The leaves really are int8 / uint8 codes and float32 scales.
+  dtypes = {str(x.dtype) for p in quantized for x in jax.tree.leaves(flat[p])}
+  assert dtypes == {"int8" if spec.base_quant == "int8" else "uint8", "float32"}
+  # Quantizing again keeps the codes (the stages quantize once; the trainer's call is a no-op).
+  again = lora._flatten(lora.quantize_base(qbase, spec))
+  assert all(again[p] is flat[p] for p in quantized)
+
+
+def test_qlora_zero_adapters_equal_the_dequantized_base_exactly(qsetup):
+  from gptjax import qlora
+  spec, model, trainable, qbase = qsetup
+  x = _tokens()
+  params = lora.combine(qbase, trainable)
+  out = _apply(model, params, x)
+  # A plain GPT whose kernels are the dequantized base: the same computation, bit for bit.
+  plain = _apply(GPT(CFG), lora.strip_adapters(qlora.dequantize_base(params)), x)
+  np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
+  np.testing.assert_array_equal(np.asarray(out.values), np.asarray(plain.values))
+  # The reference policy: the same quantized base with the adapters off.
+  ref = _apply(lora.base_model(model), lora.strip_adapters(params), x)
+  np.testing.assert_array_equal(np.asarray(ref.logits), np.asarray(plain.logits))
+  # Quantization did change the network (the base is not silently left in float).
+  full = _apply(GPT(CFG), lora.strip_adapters(_init(model)), x)
+  assert float(jnp.abs(full.logits - plain.logits).max()) > 1e-5
+
+
+def test_qlora_adapters_add_exactly_their_term(qsetup):
+  """The adapters act on the dequantized matmul: logits equal a plain GPT whose kernels are
+  dequantized base + A·B·alpha/rank (a forward that dropped the adapters would equal the base)."""
+  spec, model, trainable, qbase = qsetup
+  x = _tokens()
+  trained = lora.combine(qbase, _randomise(trainable))
+  got = _apply(model, trained, x).logits
+  want = _apply(GPT(CFG), lora.merge(trained, spec), x).logits
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+  base_only = _apply(lora.base_model(model), lora.strip_adapters(trained), x).logits
+  assert float(jnp.abs(got - base_only).max()) > 1e-2
+  # Cached decoding (sampling, rollouts) reads the same quantized kernels and adapters.
+  from gptjax.model import init_cache
+  cached = jax.jit(lambda p, x: model.apply({"params": p}, x, cache=init_cache(CFG, 3, 16),
+                                            cache_index=0).logits)(trained, x)
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(got), atol=2e-5, rtol=1e-5)
+
+
+def test_qlora_gradients_reach_adapters_only(qsetup):
+  spec, model, trainable, qbase = qsetup
+  x = _tokens()
+  trainable = _randomise(trainable)
+
+  def loss(tr):
+    out = model.apply({"params": lora.combine(qbase, tr)}, x)
+    return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]) + jnp.mean(out.values)
+
+  grads = jax.jit(jax.grad(loss))(trainable)
+  # The gradient tree is the trainable tree (adapters and the head), and every leaf of it moves:
+  # through the dequantized matmuls too, for every targeted kernel.
+  assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+  for path, g in lora._flatten(grads).items():
+    assert float(jnp.abs(g).max()) > 0, path
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,3 +512,41 @@ def test_lora_dpo_micro_run(tmp_path):
   assert losses[0] == pytest.approx(np.log(2.0), abs=1e-5)
   assert res.last_metrics["eval/accuracy"] > 0.9 and losses[-1] < losses[0]
   _check_lora_workdir(wd, rl_like_model(cfg), res.state)
+
+
+def test_qlora_nf4_sft_micro_run_learns_and_resumes_exactly(tmp_path, capsys):
+  """QLoRA SFT (nf4 base): the loss falls, the base the trainer keeps is the quantized initial
+  one, the workdir loads as a plain GPT with the QLoRA model's logits, and a run stopped at step
+  3 and resumed (its base rebuilt and quantized again, never checkpointed) ends bitwise equal to
+  a straight run."""
+  from gptjax import qlora
+  run = lambda wd, steps: _stage(
+      "sft.py:micro", wd, "model.lora.rank=4", "model.lora.base_quant=nf4", f"train.steps={steps}",
+      "optim.lr=0.01", "optim.decay_steps=6", "train.eval_every=0", "sft.eval_prompts=0",
+      "train.log_every=1", "train.checkpoint_every=0")
+  cfg, straight = run(tmp_path / "straight", 6)
+  losses = _losses(tmp_path / "straight")
+  assert len(losses) == 6 and np.mean(losses[-2:]) < losses[0] - 0.05, losses
+  model = rl_like_model(cfg)
+  assert lora.spec_of(model).base_quant == "nf4"
+  # The hooks' view holds the quantized base: every targeted kernel, equal to quantizing the
+  # fresh seeded init (SFT micro has no init_from), untouched by training.
+  flat = lora._flatten(straight.state.params)
+  quantized = [p for p, v in flat.items() if qlora.is_quantized(v)]
+  assert len(quantized) == 6                 # gpt2 micro: query key value out fc proj
+  init = jax.jit(lambda r: nn.meta.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]))(
+      jax.random.fold_in(jax.random.key(cfg.seed), 0))
+  want = lora._flatten(lora.quantize_base(lora.split(init)[1], lora.spec_of(model)))
+  for p in quantized:
+    for a, b in zip(jax.tree.leaves(flat[p]), jax.tree.leaves(want[p])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _check_lora_workdir(tmp_path / "straight", model, straight.state)
+
+  split_dir = tmp_path / "split"
+  run(split_dir, 3)
+  capsys.readouterr()
+  _, resumed = run(split_dir, 6)
+  assert "resumed from step 3" in capsys.readouterr().out
+  for a, b in zip(jax.tree.leaves((straight.state.params, straight.state.opt_state)),
+                  jax.tree.leaves((resumed.state.params, resumed.state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -211,12 +211,15 @@ def read_json(path: str):
 
 def initial_params(cfg, model, mesh, init_params, init_from):
   """Recomputes the run's initial parameters exactly as the trainer builds them (same key, same
-  init_from), so the reference is the starting policy whether or not the run is resuming."""
+  init_from), so the reference is the starting policy whether or not the run is resuming. With
+  QLoRA the targeted base kernels come back quantized (gptjax/qlora.py)."""
   rng = jax.random.fold_in(jax.random.key(cfg.seed), 0)
   boxed = jax.eval_shape(init_params, rng)
   sh = shd.logical_to_sharding(boxed, mesh, shd.rules_from_config(cfg.mesh.rules))
   params = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=sh)(rng)
-  return init_from(params) if init_from is not None else params
+  params = init_from(params) if init_from is not None else params
+  # QLoRA: the base is quantized here, once; the reference and the trainer share this copy.
+  return lora.quantize_base(params, lora.spec_of(model))
 
 
 def check_no_dropout(cfg) -> None:
