@@ -339,6 +339,18 @@ def test_lora_rl_micro_run(tmp_path, preset):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
+def test_qlora_grpo_micro_run_reference_is_the_quantized_base(tmp_path):
+  """GRPO with an nf4 base: at iteration 0 the KL to the reference is exactly zero, which holds
+  only if the reference reads the same quantized base as the policy (a float reference would
+  differ by the quantization error); the adapters then move the policy."""
+  from gptjax import qlora
+  cfg, res = _rl("grpo_micro", tmp_path, *LORA, "model.lora.base_quant=nf4")
+  its = _iterations(tmp_path)
+  assert len(its) == 2
+  assert its[0]["rl/kl"] == 0.0 and its[-1]["rl/kl"] != 0.0
+  assert any(qlora.is_quantized(v) for v in lora._flatten(res.state.params).values())
+
+
 def _llama_state_dict(params, cfg):
   """Our Llama-style tree as a transformers LlamaForCausalLM state dict (test-side converter)."""
   import torch
