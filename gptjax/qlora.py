@@ -21,9 +21,11 @@ qwix's `WithAux` box. qwix intercepts `Module.param`; our override (`DequantizeS
 returns the dequantized array to the Dense layer, inside the layer scan, so one layer's float
 kernel exists at a time. qwix's LoRA then has to recognise that array as the layer's `kernel`
 to attach its adapters: its `find_param` lists a module's params that are arrays or `WithAux`
-(hence the box) and, the dequantized array being a new value, matches them by shape, which the
-box reports as the kernel's (`QuantizedKernel.shape`). Without the box the adapters would
-silently drop out of the forward; tests/test_lora.py checks they do not.
+(hence the box) and, the dequantized array being a new value, walks back from it through
+single-input ops and then matches by shape, which the box reports as the kernel's
+(`QuantizedKernel.shape`); so `dequantize` ends in a kernel-shaped multiply. Without the box, or
+with a reshape after that multiply, the adapters silently drop out of the forward (nf4 did,
+before); tests/test_lora.py checks they do not.
 """
 
 from __future__ import annotations
