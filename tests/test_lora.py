@@ -509,11 +509,14 @@ def test_lora_reward_model_micro_run_trains_the_scalar_head(tmp_path):
                              atol=2e-5)
 
 
-def test_lora_dpo_micro_run(tmp_path):
-  from gptjax.stages import dpo as dpo_stage
+@pytest.mark.parametrize("base_quant", ["none", "int8"])
+def test_lora_dpo_micro_run(tmp_path, base_quant):
+  # int8: QLoRA DPO; the first loss is exactly log 2 only if the reference log-probs come from
+  # the same quantized base the policy reads.
   pairs = _preference_file(tmp_path / "pairs.jsonl")
   wd = tmp_path / "dpo"
   cfg, res = _stage("rl.py:dpo_micro", wd, "model.lora.rank=4", "model.lora.alpha=16.0",
+                    f"model.lora.base_quant={base_quant}",
                     f"data.train_source=preference_jsonl:{pairs}",
                     f"data.eval_source=preference_jsonl:{pairs}", "train.steps=12",
                     "optim.lr=0.01", "train.eval_every=12", "rl.eval_prompts=0",
