@@ -115,6 +115,31 @@ def spec_from_config(cfg) -> LoraSpec | None:
 # Wrapping a model
 # --------------------------------------------------------------------------------------------
 
+class KeepComputeDtype:
+  """qwix provider mixin: a LoRA matmul returns the dtype the plain matmul would.
+
+  qwix adds `x·A·B·alpha/rank` with A and B in their float32 storage, so under bfloat16
+  compute the sum comes back float32; inside the scanned layer stack that changes the carry's
+  dtype and the model cannot even be initialised. The adapter term is computed in float32 and
+  rounded once, where it joins the base output (flax's Dense has already cast the input and the
+  kernel to the compute dtype, so the input's dtype is the plain matmul's)."""
+
+  def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
+                  preferred_element_type=None, **kwargs):
+    out = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                              **kwargs)
+    return out.astype(preferred_element_type or lhs.dtype)
+
+
+def _LoraProvider(rules):
+  import qwix
+
+  class LoraProvider(KeepComputeDtype, qwix.LoraProvider):
+    pass
+
+  return LoraProvider(rules)
+
+
 def wrap(model: nn.Module, spec: LoraSpec | None, *, training: bool = False) -> nn.Module:
   """`model` with qwix LoRA on the spec's targets (the model itself when spec is None).
 
@@ -126,8 +151,8 @@ def wrap(model: nn.Module, spec: LoraSpec | None, *, training: bool = False) -> 
   import qwix
   rule = qwix.LoraRule(module_path=spec.module_regex(), rank=spec.rank, alpha=spec.alpha,
                        dropout=spec.dropout if training else 0.0)
-  provider = (qlora.lora_provider([rule]) if spec.base_quant is not None
-              else qwix.LoraProvider([rule]))
+  provider = (qlora.lora_provider([rule], mixins=(KeepComputeDtype,))
+              if spec.base_quant is not None else _LoraProvider([rule]))
   out = qwix.apply_lora_to_model(_plain(model), provider)
   type(out)._gptjax_lora = (spec, training)
   return out

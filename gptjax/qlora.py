@@ -243,11 +243,12 @@ class DequantizeStored:
     return super().nn_param(module, name, *args, **kwargs)
 
 
-def lora_provider(rules):
-  """qwix's LoRA over a quantized base: adapters on the dequantized kernels."""
+def lora_provider(rules, mixins=()):
+  """qwix's LoRA over a quantized base: adapters on the dequantized kernels. `mixins` come
+  first in the provider's bases (lora.wrap adds the one that keeps the compute dtype)."""
   import qwix
 
-  class QLoraProvider(DequantizeStored, qwix.LoraProvider):
+  class QLoraProvider(*mixins, DequantizeStored, qwix.LoraProvider):
     pass
 
   return QLoraProvider(rules)

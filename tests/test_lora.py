@@ -64,6 +64,29 @@ def test_zero_init_logits_equal_base(setup):
   np.testing.assert_array_equal(np.asarray(out.values), np.asarray(ref.values))
 
 
+@pytest.mark.parametrize("base_quant", [None, "nf4"])
+def test_bfloat16_compute_keeps_its_dtype_and_zero_adapters_equal_the_base(base_quant):
+  """Under bfloat16 compute a LoRA model initialises and runs (qwix's float32 adapter term used to
+  turn the layer scan's bfloat16 carry float32, and init failed); with B = 0 the logits are
+  bitwise the adapters-off model's, and trained adapters change them. (The logits themselves are
+  float32 by the model's design, bfloat16 or not.)"""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, dtype="bfloat16")
+  spec = dataclasses.replace(SPEC, base_quant=base_quant)
+  model = lora.wrap(GPT(cfg), spec)
+  params = _init(model)
+  if base_quant is not None:
+    from gptjax import qlora
+    params = qlora.quantize_base(params, spec)
+  x = _tokens()
+  out = _apply(model, params, x).logits
+  base = _apply(*lora.reference(model, params), x).logits
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+  trainable, frozen = lora.split(params)
+  moved = _apply(model, lora.combine(frozen, _randomise(trainable)), x).logits
+  assert not np.array_equal(np.asarray(moved), np.asarray(out))
+
+
 def test_gradients_reach_adapters_only(setup):
   model, params, trainable, base = setup
   x = _tokens()
