@@ -147,27 +147,38 @@ class Job:
   base_params: Any = None
 
 
-def train(cfg, job: Job, *, workdir: str, progress: bool = True) -> TrainResult:
-  """Runs (or resumes) one stage to `cfg.train.steps` (or `job.steps`) and saves its final
-  checkpoint."""
-  model, loss_fn, source, mesh = job.model, job.loss_fn, job.source, job.mesh
-  init_params, init_from, frozen = job.init_params, job.init_from, job.frozen
-  evaluate, sample, on_step, steps = job.evaluate, job.sample, job.on_step, job.steps
-  tokens_per_step, flops_per_token = job.tokens_per_step, job.flops_per_token
-  base_params = job.base_params
-  t_cfg = cfg.train
-  total = int(t_cfg.steps if steps is None else steps)
-  nan_policy = t_cfg.get("nan_policy", "halt")
-  if nan_policy not in NAN_POLICIES:
-    raise config_lib.ConfigError(f"train.nan_policy: expected one of {NAN_POLICIES}, got "
-                                 f"{nan_policy!r}")
-  rules = shd.rules_from_config(cfg.mesh.rules)
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop compiles before it touches data or a checkpoint: the optimizer, the
+  state's shapes and shardings, and the jitted step. With LoRA, `model`, `loss_fn`,
+  `init_params`, `init_from` and `frozen` are the adapter versions (Adapters.for_run).
 
+  Built without allocating the state (shapes come from eval_shape), so the memory plan
+  (gptjax/memory.py) can lower the very step a run would compile."""
+  total: int
+  optimizer: Any
+  schedule: Callable
+  adapters: Any
+  model: Any
+  loss_fn: Callable
+  init_params: Callable
+  init_from: Callable | None
+  frozen: Any
+  init_rng: Any
+  state_sharding: Any
+  make_state: Callable
+  abstract_state: Any
+  train_step: Callable
+  view: Callable
+
+
+def setup(cfg, job: Job) -> Setup:
+  """The optimizer, state shapes/shardings and the jitted step of `job` under `cfg`. With LoRA
+  and no `job.base_params`, the frozen base is built here (a jitted init, plus init_from)."""
+  model, loss_fn, mesh = job.model, job.loss_fn, job.mesh
+  init_params, init_from, frozen = job.init_params, job.init_from, job.frozen
+  total = int(cfg.train.steps if job.steps is None else job.steps)
+  rules = shd.rules_from_config(cfg.mesh.rules)
   optim_cfg = cfg.optim.to_dict()
   if not optim_cfg.get("decay_steps"):
     optim_cfg["decay_steps"] = max(total, 1)
@@ -179,7 +190,7 @@ def train(cfg, job: Job, *, workdir: str, progress: bool = True) -> TrainResult:
   init_rng = jax.random.fold_in(rng, 0)
   adapters = lora_lib.Adapters.for_run(cfg, model=model, loss_fn=loss_fn, init_params=init_params,
                                        init_from=init_from, frozen=frozen, mesh=mesh, rules=rules,
-                                       init_rng=init_rng, base_params=base_params)
+                                       init_rng=init_rng, base_params=job.base_params)
   if adapters is not None:
     # LoRA: the state holds the adapters (and scalar heads) only; the base rides in `frozen`.
     model, loss_fn, init_params, init_from, frozen = (
@@ -193,8 +204,38 @@ def train(cfg, job: Job, *, workdir: str, progress: bool = True) -> TrainResult:
     return step_lib.init_state(params, optimizer, cfg.seed)
 
   abstract_state = abstract_with_shardings(jax.eval_shape(make_state, init_rng), state_sh)
+  train_step = step_lib.make_train_step(loss_fn, optimizer, model=model, state_sharding=state_sh,
+                                        mesh=mesh, grad_accum=cfg.train.grad_accum,
+                                        schedule=schedule)
+  return Setup(total=total, optimizer=optimizer, schedule=schedule, adapters=adapters,
+               model=model, loss_fn=loss_fn, init_params=init_params, init_from=init_from,
+               frozen=frozen, init_rng=init_rng, state_sharding=state_sh, make_state=make_state,
+               abstract_state=abstract_state, train_step=train_step,
+               view=adapters.view if adapters is not None else (lambda s: s))
+
+
+def train(cfg, job: Job, *, workdir: str, progress: bool = True) -> TrainResult:
+  """Runs (or resumes) one stage to `cfg.train.steps` (or `job.steps`) and saves its final
+  checkpoint."""
+  source = job.source
+  evaluate, sample, on_step = job.evaluate, job.sample, job.on_step
+  tokens_per_step, flops_per_token = job.tokens_per_step, job.flops_per_token
+  t_cfg = cfg.train
+  nan_policy = t_cfg.get("nan_policy", "halt")
+  if nan_policy not in NAN_POLICIES:
+    raise config_lib.ConfigError(f"train.nan_policy: expected one of {NAN_POLICIES}, got "
+                                 f"{nan_policy!r}")
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+
+  built = setup(cfg, job)
+  total, optimizer, init_from, frozen = built.total, built.optimizer, built.init_from, built.frozen
+  make_state, state_sh, init_rng = built.make_state, built.state_sharding, built.init_rng
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t_cfg.keep_checkpoints)
-  restored = ckpt.restore(abstract_state)
+  restored = ckpt.restore(built.abstract_state)
   if restored is not None:
     state, data_state, at = restored
     data_state = dict(data_state)
@@ -209,9 +250,7 @@ def train(cfg, job: Job, *, workdir: str, progress: bool = True) -> TrainResult:
       state = jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.seed),
                       out_shardings=state_sh)(params)
 
-  train_step = step_lib.make_train_step(loss_fn, optimizer, model=model, state_sharding=state_sh,
-                                        mesh=mesh, grad_accum=t_cfg.grad_accum, schedule=schedule)
-  view = adapters.view if adapters is not None else (lambda s: s)
+  train_step, view = built.train_step, built.view
   writer = metrics_lib.MetricWriter(workdir)
   peak = metrics_lib.peak_flops(jax.devices()[0], cfg.model.get("dtype", "float32"))
   step = int(jax.device_get(state.step))

@@ -154,7 +154,8 @@ def start_from_previous(cfg, workdir: str, *, scalar_head: bool | None = None):
 
   The tokenizer is the one already in `workdir` (a resumed run never switches); else, with
   `train.init_from`, that run's (so ids match the network), copied into `workdir`; else None,
-  and the stage calls `resolve_tokenizer` with what a 'char' vocabulary is built from.
+  and the stage calls `resolve_tokenizer` with what a 'char' vocabulary is built from. With
+  `workdir` None (the memory plan) nothing is read from or written to a workdir.
   """
   prev = cfg.train.init_from
   if scalar_head is not None:
@@ -175,14 +176,48 @@ def start_from_previous(cfg, workdir: str, *, scalar_head: bool | None = None):
         print(f"data.seq_len: {cfg.data.seq_len} exceeds the max_len {max_len} of {prev}; using "
               f"{max_len}", flush=True)
         cfg.data.seq_len = max_len
-  if os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
+  if workdir and os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
     return tokenizers.load_tokenizer(workdir)
   if prev:
     tok = tokenizers.load_tokenizer(prev)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and workdir:
       tok.save(workdir)
     return tok
   return None
+
+
+def plan_tokenizer(cfg, workdir: str | None, *, scalar_head: bool | None = None,
+                   char_text=lambda: None):
+  """The tokenizer a run of `cfg` would use, for the memory plan: as `start_from_previous` and
+  `resolve_tokenizer` choose it, but nothing is written (workdir is only read). `char_text()`
+  gives the text a 'char' vocabulary is built from (the runner's own training text). Fills
+  model.vocab_size like the run."""
+  tok = start_from_previous(cfg, None, scalar_head=scalar_head)
+  if tok is None and workdir and os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE)):
+    tok = tokenizers.load_tokenizer(workdir)
+  if tok is None:
+    spec = cfg.data.tokenizer
+    tok = (tokenizers.CharTokenizer.from_text(char_text()) if spec == "char"
+           else tokenizers.load_tokenizer(spec))
+  fill_vocab_size(cfg, tok)
+  return tok
+
+
+def lm_memory_parts(cfg, env, *, loss_fn, steps=None):
+  """The memory plan's parts of a run over packed LMBatch rows (pretrain, SFT): the loaders'
+  rows (`packing.empty_batch`, the layout every LM loader fills) at train.batch_size."""
+  from gptjax import memory
+  from gptjax.data import packing
+  model = env.model
+  init_params = init_params_fn(model)
+  base = (memory.abstract_params(cfg, model, init_params, env.mesh)
+          if lora.spec_of(model) is not None else None)
+  rows = packing.empty_batch(1, cfg.data.seq_len, pad_id=0)
+  batch = batches_lib.LMBatch.from_dict(memory.global_batch(rows, cfg.train.batch_size, env.mesh))
+  from gptjax import trainer
+  job = trainer.Job(model=model, loss_fn=loss_fn, source=None, mesh=env.mesh,
+                    init_params=init_params, base_params=base, steps=steps)
+  return memory.Parts(job=job, batch=batch)
 
 
 def previous_params(cfg):

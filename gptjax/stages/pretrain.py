@@ -80,3 +80,10 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
       sample=sample, tokens_per_step=gb * seq,
       flops_per_token=model_lib.flops_per_token(env.model_cfg, seq)),
       workdir=workdir, progress=progress)
+
+
+def memory_parts(cfg, workdir: str | None = None):
+  """What `run` would build, as shapes, for the memory plan (gptjax/memory.py)."""
+  common.plan_tokenizer(cfg, workdir, char_text=lambda: corpus.char_vocab_text(cfg))
+  env = common.make_env(cfg)
+  return common.lm_memory_parts(cfg, env, loss_fn=common.bind_loss(cfg))

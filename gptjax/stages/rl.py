@@ -212,3 +212,87 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
         temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len, seed=cfg.seed,
         out_dir=workdir, label=cfg.loss.name, scorer=source.scorer)
   return res
+
+
+def memory_parts(cfg, workdir: str | None = None):
+  """What `run` would build, as shapes, for the memory plan (gptjax/memory.py): the policy's
+  state and step, one minibatch of rollouts, the iteration's rollout buffer and the sampler's KV
+  cache (from eval_shape of the sampler and the scoring forward `make_rollouts` runs), the
+  reference policy and the reward model."""
+  from gptjax import batches as batches_lib
+  from gptjax import memory
+  from gptjax import model as model_lib
+  from gptjax import sharding as shd
+  tok = common.plan_tokenizer(cfg, workdir, char_text=lambda: "".join(
+      m[-1]["content"] for m in dialogue.prompt_messages(cfg, "train")))
+  validate(cfg)
+  with cfg.unlocked():
+    cfg.model.scalar_head = cfg.rl.value_model == "head"
+  env = common.make_env(cfg)
+  model = build_model(cfg)
+  init_params = common.init_params_fn(model)
+  full = memory.abstract_params(cfg, model, init_params, env.mesh)
+  spec = lora.spec_from_config(cfg)
+  rcfg = rollout_config(cfg)
+  rcfg.validate()
+  rows, plen, m = rcfg.rollout_batch, cfg.rl.prompt_len, cfg.rl.max_new_tokens
+  # The rows `iteration_prompts` picks, as `encode_prompts` pads them: [rows, prompt_len].
+  prompts = memory.with_rows(jax.ShapeDtypeStruct((1, plen), jnp.int32), rows, env.mesh)
+  lengths = memory.with_rows(jax.ShapeDtypeStruct((1,), jnp.int32), rows, env.mesh)
+  eos = chat.reply_stop_ids(tok)
+
+  def iteration(params, prompts, lengths):
+    # make_rollouts' device work: sample, lay out, score with the policy and the reference.
+    pol, pp = rollout_lib.policy_view(model, params)
+    ref_model, ref_params = lora.reference(pol, pp)
+    out = sampling.generate(pol, pp, prompts, lengths, rng=0, max_new_tokens=m,
+                            temperature=rcfg.temperature, eos_ids=eos, pad_id=tok.pad_id)
+    layout = rollout_lib.rollout_layout(out)
+    old_logp, ref_logp, values = rollout_lib.score_tokens(
+        model, params, ref_model, ref_params, layout, temperature=rcfg.temperature,
+        with_values="critic" in rcfg.needs, with_policy=rcfg.recompute_old_logp)
+    # Every advantage estimator returns per-token float32 arrays of this shape (host code with
+    # metrics, so it is not traced here).
+    return batches_lib.RolloutBatch(
+        inputs=layout["inputs"], targets=layout["targets"], positions=layout["positions"],
+        segment_ids=layout["segment_ids"], completion_mask=layout["completion_mask"],
+        old_logp=old_logp, ref_logp=ref_logp, advantages=jnp.zeros_like(old_logp),
+        returns=jnp.zeros_like(old_logp), values=values)
+
+  buffer = memory.with_rows(jax.eval_shape(iteration, full, prompts, lengths), rows, env.mesh)
+  batch = memory.with_rows(buffer, rcfg.minibatch_size, env.mesh)
+  policy_cfg = rollout_lib.policy_view(model, full)[0].cfg
+  if rcfg.rollout_engine:
+    # The engine's cache: its slots plus a scratch row, P + M + chunk slots each, on the
+    # process's devices as one array (counted whole).
+    slots = min(rcfg.engine_slots or rows, rows)
+    chunk = max(1, min(16, m - 1))
+    cache = memory.replicated(jax.eval_shape(
+        lambda: model_lib.init_cache(policy_cfg, slots + 1, plen + m + chunk)), env.mesh)
+  else:
+    # The static sampler's cache at its last decode phase: every row, P + M slots, batch-sharded
+    # like the prompts.
+    cache = jax.eval_shape(lambda: model_lib.init_cache(policy_cfg, rows, plen + m))
+    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=shd.batch_sharding(env.mesh)), cache)
+  held = {}
+  if spec is None:
+    # `run` keeps the initial parameters (ref_full) as the reference; with LoRA they are the
+    # trainer's frozen base, counted there once.
+    held["reference policy"] = full
+  if cfg.rl.reward == "rm":
+    if not cfg.rl.reward_workdir:
+      raise config_lib.ConfigError("rl.reward='rm' needs rl.reward_workdir (the reward stage)")
+    rm_cfg = _workdir_model_cfg(cfg.rl.reward_workdir, scalar_head=True)
+    rm_init = common.init_params_fn(GPT(rm_cfg))
+    # load_for_inference places the reward model whole on each device.
+    held["reward model"] = memory.replicated(
+        memory.abstract_params(cfg, GPT(rm_cfg), rm_init, env.mesh), env.mesh)
+  job = trainer.Job(model=model, loss_fn=bind_policy_loss(cfg), source=None, mesh=env.mesh,
+                    init_params=init_params, steps=cfg.rl.iterations * rcfg.steps_per_iteration,
+                    base_params=full if spec is not None else None)
+  extra = {"frozen models": ("rl.reward (a Python reward needs no reward model)",)}
+  if rcfg.rollout_engine:
+    extra["KV cache"] = ("rl.engine_slots",)
+  return memory.Parts(job=job, batch=batch, held=held, rollout_buffer=buffer, kv_cache=cache,
+                      seq_fields=("rl.prompt_len", "rl.max_new_tokens"), extra_fields=extra)

@@ -237,3 +237,13 @@ def compare_with_base(cfg, workdir, model, params, tok, val_convs) -> dict:
           "end_of_turn_fraction": float(np.mean(sft_ended)),
           "base_end_of_turn_fraction": None if base_ended is None else float(np.mean(base_ended)),
           "mean_reply_tokens": float(np.mean([len(r) for r in sft_replies]))}
+
+
+def memory_parts(cfg, workdir: str | None = None):
+  """What `run` would build, as shapes, for the memory plan (gptjax/memory.py)."""
+  def char_text():
+    convs, _ = conversations(cfg, "train")
+    return "".join(m["content"] for c in convs for m in c)
+  common.plan_tokenizer(cfg, workdir, scalar_head=False, char_text=char_text)
+  env = common.make_env(cfg)
+  return common.lm_memory_parts(cfg, env, loss_fn=common.bind_loss(cfg))
