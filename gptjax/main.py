@@ -1,7 +1,9 @@
 """The `gptjax` command. Thin on purpose: parse, then call a library function.
 
   gptjax train     --config experiments/x.py:preset --workdir DIR [--config.field=value ...]
-                   [--import my_losses.py]
+                   [--import my_losses.py] [--dry_run] [--memory_limit 16GiB]
+  gptjax memory    --config experiments/x.py:preset [--config.field=value ...] [--memory_limit 16GiB]
+                   (the memory plan per device; --dry_run prints the same and trains nothing)
   gptjax pipeline  --config experiments/shakespeare_assistant.py:tiny --workdir DIR
   gptjax scaling   --config experiments/scaling.py:tiny --workdir DIR      (an IsoFLOP sweep)
   gptjax sample    --workdir DIR --prompt "..."        gptjax chat --workdir DIR
@@ -26,14 +28,31 @@ def _train(argv):
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--import", dest="imports", action="append", default=[],
                  help="a module name or .py file to import first, e.g. one that registers a loss")
+  p.add_argument("--dry_run", action="store_true",
+                 help="print the memory plan per device (gptjax/memory.py) and exit")
+  from gptjax import memory
+  memory.add_arguments(p)
   args = p.parse_args(rest)
   for item in args.imports:
     import_user_module(item)
   cfg = config_lib.load(args.config, overrides)
   _distributed(cfg)
+  if args.dry_run:
+    memory.report(cfg, workdir=args.workdir, memory_limit=args.memory_limit)
+    return 0
+  if args.memory_limit:
+    # Planned on a copy: the plan fills fields (vocab_size, the previous run's architecture) the
+    # runner fills again in its own way.
+    memory.report(cfg.copy_and_resolve_references(), workdir=args.workdir,
+                  memory_limit=args.memory_limit)
   from gptjax.stages import run_stage
   res = run_stage(cfg, args.workdir, progress=not args.no_progress)
   return 128 + 15 if getattr(res, "interrupted", False) else 0
+
+
+def _memory(argv):
+  from gptjax import memory
+  return memory.main(argv)
 
 
 def import_user_module(item: str):
@@ -87,7 +106,7 @@ def _dispatch(argv) -> int:
   from gptjax import perf
   perf.retain_host_memory()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  commands = {"train": _train, "import-hf": _hf_command("import_main"),
+  commands = {"train": _train, "memory": _memory, "import-hf": _hf_command("import_main"),
               "export-hf": _hf_command("export_main")}
   try:
     from gptjax import generate_cli

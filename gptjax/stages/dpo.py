@@ -184,3 +184,33 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
         temperature=cfg.rl.eval_temperature, prompt_len=cfg.rl.prompt_len, seed=cfg.seed,
         out_dir=workdir, label=cfg.loss.name)
   return res
+
+
+def memory_parts(cfg, workdir: str | None = None):
+  """What `run` would build, as shapes, for the memory plan (gptjax/memory.py): the objective's
+  batch as its own builder lays out the first record, at train.batch_size rows, and the initial
+  parameters `run` keeps as the reference (with LoRA: the trainer's frozen base, counted there)."""
+  from gptjax import memory
+  objective = objectives.for_stage(cfg)
+  if objective.runner != "preference":
+    raise config_lib.ConfigError(f"loss.name: {cfg.loss.name!r} is not an offline preference "
+                                 f"objective (its runner is {objective.runner!r})")
+  if not cfg.data.train_source:
+    raise config_lib.ConfigError(f"data.train_source: {objective.name} needs a data set "
+                                 "(preference_jsonl:PATH)")
+  common.check_no_dropout(cfg)
+  records = (objective.read or load_records)(cfg.data.train_source, cfg)
+  tok = common.plan_tokenizer(cfg, workdir, char_text=lambda: "".join(_strings(records)))
+  env = common.make_env(cfg)
+  model = env.model
+  init_params = common.init_params_fn(model)
+  full = memory.abstract_params(cfg, model, init_params, env.mesh)
+  arrays = (objective.build or encode_pairs)(records[:1], tok, cfg.data.seq_len)
+  # with_reference adds one float32 log-prob per row and token side (zeros when reference-free).
+  arrays = {**arrays, **{f"ref_{k}_logp": np.zeros(1, np.float32) for k in token_sides(arrays)}}
+  batch = batch_maker(objective)(memory.global_batch(arrays, cfg.train.batch_size, env.mesh))
+  spec = lora.spec_of(model)
+  job = trainer.Job(model=model, loss_fn=common.bind_loss(cfg), source=None, mesh=env.mesh,
+                    init_params=init_params, base_params=full if spec is not None else None)
+  held = {} if spec is not None else {"reference policy": full}
+  return memory.Parts(job=job, batch=batch, held=held)

@@ -40,6 +40,7 @@ from gptjax import batches as batches_lib
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import labeler
+from gptjax import lora
 from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import evaluation
@@ -305,3 +306,39 @@ def best_of_n(cfg, model, params, tok, score_fn, ns=(1, 2, 4, 8, 16), *,
     out["mean_reward"][str(n)] = float(np.mean(rm[rows, pick]))
   out["sample_mean_gold"] = float(np.mean(gold))
   return out
+
+
+def memory_parts(cfg, workdir: str | None = None):
+  """What `run` would build, as shapes, for the memory plan (gptjax/memory.py). The rows are
+  `to_arrays`' [B, K, T] with K the most replies of a record: the data set's, or
+  rm_data.replies_per_prompt for data the run would generate."""
+  from gptjax import memory
+  if not cfg.train.init_from and cfg.data.tokenizer == "char" and not (
+      workdir and os.path.exists(os.path.join(workdir, tokenizers.TOKENIZER_FILE))):
+    raise config_lib.ConfigError("train.init_from is empty: a reward model starts from an SFT "
+                                 "workdir, or from a data.tokenizer file")
+  tok = common.plan_tokenizer(cfg, workdir, scalar_head=True)
+  with cfg.unlocked():
+    cfg.model.scalar_head = True
+  src = cfg.data.source
+  if src.startswith("preference_jsonl:"):
+    recs = read_preferences(src.split(":", 1)[1])
+    widest = max(recs, key=lambda r: len(r["responses"]))
+  elif src == "generated":
+    k = int(cfg.rm_data.replies_per_prompt)
+    # A record of K empty replies: to_arrays' layout for the K replies generated per prompt.
+    widest = {"prompt": [{"role": "user", "content": ""}], "responses": [""] * k,
+              "ranks": list(range(k)), "ended": [True] * k, "response_ids": None}
+  else:
+    raise config_lib.ConfigError(f"data.source: the reward stage reads 'generated' or "
+                                 f"'preference_jsonl:PATH', got {src!r}")
+  env = common.make_env(cfg, scalar_head=True)
+  arrays, _ = to_arrays([widest], tok, seq_len=cfg.data.seq_len)
+  batch = batches_lib.RewardBatch(**memory.global_batch(arrays, cfg.train.batch_size, env.mesh))
+  init_params = common.init_params_fn(env.model)
+  base = (memory.abstract_params(cfg, env.model, init_params, env.mesh)
+          if lora.spec_of(env.model) is not None else None)
+  job = trainer.Job(model=env.model, loss_fn=common.bind_loss(cfg), source=None, mesh=env.mesh,
+                    init_params=init_params, base_params=base)
+  extra = {"batch": ("rm_data.replies_per_prompt",)} if src == "generated" else {}
+  return memory.Parts(job=job, batch=batch, extra_fields=extra)

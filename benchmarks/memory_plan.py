@@ -1,0 +1,120 @@
+"""The memory plan against the measured peak RSS of the real run, on CPU.
+
+    python benchmarks/memory_plan.py [--configs sft,sft_lora,grpo,grpo_lora] [--d_model 256]
+
+For each config three child processes, so no figure includes another's:
+  plan      `gptjax.memory.plan_config`: the plan's peak per device (one CPU device);
+  run       the stage itself (`run_stage`, a few steps; RL: one iteration), its peak RSS taken
+            when the final checkpoint starts (ru_maxrss: every step and rollout so far, but not
+            the save's host copy or the evaluation after training);
+  baseline  the same imports and one tiny jitted program: the runtime the plan does not model
+            (XLA's CPU client, Python, the libraries).
+It prints plan / (run - baseline) per config. On CPU device memory is host memory, so the RSS
+also holds the data loader's arrays and compiled code; a ratio under 1 is that part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(REPO, "experiments")
+
+
+def configs(args) -> dict:
+  model = [f"model.d_model={args.d_model}", f"model.num_layers={args.num_layers}",
+           "model.num_heads=4", f"model.vocab_size={args.vocab_size}", "model.max_len=256"]
+  sft = ["data.seq_len=128", "train.batch_size=8", "train.steps=3", "train.eval_every=0",
+         "train.eval_batches=1", "train.checkpoint_every=0", "sft.eval_prompts=0"]
+  grpo = ["rl.prompt_len=32", "rl.max_new_tokens=64", "rl.prompts_per_iteration=8",
+          "rl.group_size=4", "train.batch_size=8", "rl.iterations=1", "rl.epochs=1",
+          "rl.eval_prompts=0", "rl.reward=char_fraction:e", "train.sample_every=0",
+          "train.checkpoint_every=0"]
+  lora = ["model.lora.rank=8"]
+  return {"sft": ("sft.py:tiny", model + sft), "sft_lora": ("sft.py:tiny", model + sft + lora),
+          "grpo": ("grpo.py:tiny", model + grpo), "grpo_lora": ("grpo.py:tiny", model + grpo + lora)}
+
+
+def _maxrss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(kind: str, spec: str, overrides: list[str]) -> dict:
+  from gptjax import config as config_lib
+  from gptjax import perf
+  perf.retain_host_memory()                 # as the gptjax command sets it
+  cfg = config_lib.load(os.path.join(EXPERIMENTS, spec), overrides)
+  if kind == "plan":
+    from gptjax import memory
+    t0 = time.perf_counter()
+    p = memory.plan_config(cfg)
+    return {"plan": p.as_dict(), "plan_s": time.perf_counter() - t0}
+  if kind == "baseline":
+    import jax
+    import jax.numpy as jnp
+    from gptjax import memory, stages, trainer  # noqa: F401  (the run's imports)
+    jax.block_until_ready(jax.jit(lambda x: x * 2)(jnp.ones(8)))
+    return {"rss": _maxrss()}
+  from gptjax import checkpoint as ckpt_lib
+  from gptjax.stages import run_stage
+  seen = {}
+  save = ckpt_lib.Checkpointer.save
+
+  def save_after_measuring(self, *a, **kw):
+    seen.setdefault("rss", _maxrss())
+    return save(self, *a, **kw)
+
+  ckpt_lib.Checkpointer.save = save_after_measuring
+  with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    run_stage(cfg, os.path.join(d, "run"), progress=False)
+  return {"rss": seen.get("rss", _maxrss()), "run_s": time.perf_counter() - t0}
+
+
+def spawn(kind, spec, overrides) -> dict:
+  cmd = [sys.executable, __file__, "--child", kind, "--spec", spec, "--"] + overrides
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if out.returncode:
+    raise RuntimeError(f"{kind} {spec} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--configs", default="sft,sft_lora,grpo,grpo_lora")
+  ap.add_argument("--d_model", type=int, default=256)
+  ap.add_argument("--num_layers", type=int, default=4)
+  ap.add_argument("--vocab_size", type=int, default=8192)
+  ap.add_argument("--child", default="")
+  ap.add_argument("--spec", default="")
+  args, rest = ap.parse_known_args()
+  if args.child:
+    overrides = rest[1:] if rest[:1] == ["--"] else rest
+    print(json.dumps(child(args.child, args.spec, overrides)))
+    return
+  table = configs(args)
+  mib = lambda n: n / 2 ** 20
+  print(f"{'config':<10}{'plan MiB':>10}{'run RSS':>10}{'baseline':>10}{'run-base':>10}"
+        f"{'ratio':>8}  rows (MiB)")
+  for name in args.configs.split(","):
+    spec, overrides = table[name]
+    plan = spawn("plan", spec, overrides)["plan"]
+    run = spawn("run", spec, overrides)
+    base = spawn("baseline", spec, overrides)
+    measured = run["rss"] - base["rss"]
+    rows = ", ".join(f"{k} {mib(v):.1f}" for k, v in plan["rows"].items() if v)
+    print(f"{name:<10}{mib(plan['peak']):>10.1f}{mib(run['rss']):>10.1f}{mib(base['rss']):>10.1f}"
+          f"{mib(measured):>10.1f}{plan['peak'] / measured:>8.2f}  {rows}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
