@@ -9,6 +9,7 @@ construction). What the plan cannot see (the runtime, compiled code, host data) 
 benchmarks/memory_plan.py against the peak RSS, not here.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def test_dry_run_prints_the_plan_and_refuses_over_the_limit_in_one_line(tmp_path
   workdir = str(tmp_path / "run")
   args = [sys.executable, "-m", "gptjax.main", "train", "--config",
           os.path.join(EXPERIMENTS, "sft.py:tiny"), "--workdir", workdir, "--dry_run",
-          "--memory_limit", "4MiB", "--config.data.seq_len=32"] + [f"--config.{o}" for o in TINY]
+          "--memory_limit", "256KiB", "--config.data.seq_len=32"] + [f"--config.{o}" for o in TINY]
   proc = subprocess.run(args, env=child_env(), cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
@@ -157,7 +158,7 @@ def test_dry_run_prints_the_plan_and_refuses_over_the_limit_in_one_line(tmp_path
   assert len(err) == 1, proc.stderr
   line = err[0]
   assert line.startswith("gptjax: config error: memory plan: stage sft needs")
-  assert "over the limit of 4.00 MiB" in line
+  assert "over the limit of 0.25 MiB" in line
   # The largest rows at this size (the step's temporaries, the optimizer, the parameters) and the
   # fields that shrink them.
   for field in ("train.grad_accum", "model.remat", "train.batch_size", "data.seq_len",
@@ -171,3 +172,19 @@ def test_dry_run_prints_the_plan_and_refuses_over_the_limit_in_one_line(tmp_path
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "limit: 16.000 GiB per device" in ok.stdout
   assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_dpo_plan_holds_the_reference_and_pairs_of_rows(tmp_path):
+  from gptjax import memory
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": f"{w}!", "rejected": "no"})
+                          + "\n" for w in ("yes", "maybe", "never", "soon")))
+  cfg = _load("dpo.py:tiny", "data.seq_len=32", f"data.train_source=preference_jsonl:{path}")
+  p = memory.plan_config(cfg)
+  n = _hand_params(cfg)
+  assert p.rows["parameters"] == n * F32
+  assert p.rows["frozen models"] == n * F32     # the initial policy, kept as the reference
+  # DPOBatch: chosen and rejected LMBatches (five [B, T] fields of 4 bytes each) and two [B]
+  # float32 reference log-probs.
+  assert p.rows["batch"] == 2 * 5 * 4 * 32 * 4 + 2 * 4 * 4
+  assert p.compiled["argument_size_in_bytes"] == _state_args(p) + p.rows["batch"]
