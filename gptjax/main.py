@@ -38,13 +38,14 @@ def _train(argv):
   cfg = config_lib.load(args.config, overrides)
   _distributed(cfg)
   if args.dry_run:
-    memory.report(cfg, workdir=args.workdir, memory_limit=args.memory_limit)
+    memory.report(cfg, workdir=args.workdir, memory_limit=args.memory_limit,
+                  compile=not args.no_compile)
     return 0
   if args.memory_limit:
     # Planned on a copy: the plan fills fields (vocab_size, the previous run's architecture) the
     # runner fills again in its own way.
     memory.report(cfg.copy_and_resolve_references(), workdir=args.workdir,
-                  memory_limit=args.memory_limit)
+                  memory_limit=args.memory_limit, compile=not args.no_compile)
   from gptjax.stages import run_stage
   res = run_stage(cfg, args.workdir, progress=not args.no_progress)
   return 128 + 15 if getattr(res, "interrupted", False) else 0

@@ -200,14 +200,17 @@ def compiled_figures(compiled) -> dict:
   return out
 
 
-def plan(cfg, parts: Parts) -> Plan:
-  """The plan of the run `cfg` describes, from its runner's `parts` (see the module docstring)."""
+def plan(cfg, parts: Parts, *, compile: bool = True) -> Plan:
+  """The plan of the run `cfg` describes, from its runner's `parts` (see the module docstring).
+  compile=False skips compiling the step (seconds instead of minutes for a large model on CPU):
+  the step temporaries are then unknown and counted as 0, so the peak is a lower bound."""
   from gptjax import trainer
   built = trainer.setup(cfg, parts.job)
   state = built.abstract_state
   frozen = built.frozen
-  compiled = built.train_step.lower(state, parts.batch, frozen).compile()
-  figures = compiled_figures(compiled)
+  figures = {}
+  if compile:
+    figures = compiled_figures(built.train_step.lower(state, parts.batch, frozen).compile())
 
   adapters, trained = _split_trainable(state.params)
   rows = dict.fromkeys(ROWS, 0)
@@ -220,8 +223,9 @@ def plan(cfg, parts: Parts) -> Plan:
   rows["KV cache"] = device_bytes(parts.kv_cache)
   # Outputs that do not alias a donated argument are new buffers (the metrics; the whole state
   # if donation failed), live at the step's end beside its arguments.
-  rows["step temporaries"] = figures["temp_size_in_bytes"] + max(
-      0, figures["output_size_in_bytes"] - figures["alias_size_in_bytes"])
+  if figures:
+    rows["step temporaries"] = figures["temp_size_in_bytes"] + max(
+        0, figures["output_size_in_bytes"] - figures["alias_size_in_bytes"])
 
   seq = tuple(parts.seq_fields)
   fields = {r: tuple(_FIELDS[r]) for r in ROWS}
@@ -229,7 +233,8 @@ def plan(cfg, parts: Parts) -> Plan:
   fields["step temporaries"] = fields["step temporaries"] + seq
   for r, extra in parts.extra_fields.items():
     fields[r] = fields[r] + tuple(extra)
-  notes = []
+  notes = [] if figures else [
+      "step temporaries: not compiled (--no_compile); the peak is a lower bound"]
   if parts.held:
     notes.append("frozen models: " + ", ".join(
         f"{name} {fmt_bytes(device_bytes(t))}" for name, t in parts.held.items())
@@ -240,10 +245,10 @@ def plan(cfg, parts: Parts) -> Plan:
               fields=fields, notes=notes)
 
 
-def plan_config(cfg, workdir: str | None = None) -> Plan:
+def plan_config(cfg, workdir: str | None = None, *, compile: bool = True) -> Plan:
   """The plan of `cfg`, with the parts its stage's runner describes (`stages.memory_parts`)."""
   from gptjax import stages
-  return plan(cfg, stages.memory_parts(cfg, workdir))
+  return plan(cfg, stages.memory_parts(cfg, workdir), compile=compile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,9 +273,10 @@ def format_table(p: Plan) -> str:
   lines.append(row("rollout phase", p.rollout_phase))
   lines.append(row("peak", p.peak))
   c = p.compiled
-  lines.append(f"compiled step (XLA memory_analysis): arguments {c['argument_size_in_bytes']:,}, "
-               f"outputs {c['output_size_in_bytes']:,} (aliased {c['alias_size_in_bytes']:,}), "
-               f"temporaries {c['temp_size_in_bytes']:,}")
+  if c:
+    lines.append(f"compiled step (XLA memory_analysis): arguments "
+                 f"{c['argument_size_in_bytes']:,}, outputs {c['output_size_in_bytes']:,} "
+                 f"(aliased {c['alias_size_in_bytes']:,}), temporaries {c['temp_size_in_bytes']:,}")
   lines.extend(p.notes)
   return "\n".join(lines)
 
@@ -327,13 +333,16 @@ def add_arguments(p) -> None:
   p.add_argument("--memory_limit", default="",
                  help="refuse a plan over this many bytes per device (16GiB, 800MiB, ...); "
                  "default: the device's bytes_limit where the backend reports one (not on CPU)")
+  p.add_argument("--no_compile", action="store_true",
+                 help="shapes only, without compiling the step: seconds, but the step's "
+                 "temporaries are left out (a lower bound)")
 
 
 def report(cfg, *, workdir: str | None = None, memory_limit: str = "",
-           as_json: bool = False) -> Plan:
+           as_json: bool = False, compile: bool = True) -> Plan:
   """Prints the plan of `cfg` and refuses it over the limit (ConfigError)."""
   import json
-  p = plan_config(cfg, workdir)
+  p = plan_config(cfg, workdir, compile=compile)
   limit = parse_bytes(memory_limit) if memory_limit else device_limit()
   print(json.dumps(p.as_dict(), indent=2) if as_json else format_table(p), flush=True)
   if limit is not None and not as_json:
@@ -359,5 +368,6 @@ def main(argv) -> int:
   for item in args.imports:
     main_lib.import_user_module(item)
   cfg = config_lib.load(args.config, overrides)
-  report(cfg, workdir=args.workdir or None, memory_limit=args.memory_limit, as_json=args.json)
+  report(cfg, workdir=args.workdir or None, memory_limit=args.memory_limit, as_json=args.json,
+         compile=not args.no_compile)
   return 0
