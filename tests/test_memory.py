@@ -188,3 +188,23 @@ def test_dpo_plan_holds_the_reference_and_pairs_of_rows(tmp_path):
   # float32 reference log-probs.
   assert p.rows["batch"] == 2 * 5 * 4 * 32 * 4 + 2 * 4 * 4
   assert p.compiled["argument_size_in_bytes"] == _state_args(p) + p.rows["batch"]
+
+
+def test_per_device_rows_on_a_sharded_mesh_equal_the_compiled_arguments():
+  """Four CPU devices as (data 2, fsdp 2): the plan counts each device's shards, and XLA's
+  per-device argument size agrees exactly."""
+  args = [sys.executable, "-m", "gptjax.main", "memory", "--json", "--config",
+          os.path.join(EXPERIMENTS, "sft.py:tiny"), "--config.data.seq_len=32",
+          "--config.mesh.shape=(2,2,1)"] + [f"--config.{o}" for o in TINY]
+  proc = subprocess.run(args, env=child_env(num_devices=4), cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  p = json.loads(proc.stdout[proc.stdout.index("{\n"):])      # after any data-preparation line
+  rows, n = p["rows"], _hand_params(_load("sft.py:tiny"))
+  assert p["devices"] == 4
+  # Kernels and the embedding split their embed axis over fsdp; norm scales stay whole.
+  assert n * F32 // 2 <= rows["parameters"] < n * F32 * 0.6
+  # train.batch_size=4 over data x fsdp = 4 devices: one row of five [32] fields each.
+  assert rows["batch"] == 5 * 1 * 32 * F32
+  state = rows["parameters"] + rows["adapters"] + rows["optimizer state"]
+  assert p["compiled"]["argument_size_in_bytes"] == state + rows["batch"]
