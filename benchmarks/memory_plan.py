@@ -56,7 +56,9 @@ def child(kind: str, spec: str, overrides: list[str]) -> dict:
     from gptjax import memory
     t0 = time.perf_counter()
     p = memory.plan_config(cfg)
-    return {"plan": p.as_dict(), "plan_s": time.perf_counter() - t0}
+    # This process allocates no parameter or batch: its peak is imports, data and compiling the
+    # step, the part of a CPU run's RSS that is not device memory on an accelerator.
+    return {"plan": p.as_dict(), "plan_s": time.perf_counter() - t0, "rss": _maxrss()}
   from gptjax import checkpoint as ckpt_lib
   from gptjax.stages import common, run_stage
   seen = {}
