@@ -39,8 +39,12 @@ def configs(args) -> dict:
           "rl.eval_prompts=0", "rl.reward=char_fraction:e", "train.sample_every=0",
           "train.checkpoint_every=0"]
   lora = ["model.lora.rank=8"]
+  # The policy samples from its whole vocabulary and the rollouts decode every sample, so GRPO
+  # keeps the tokenizer's own vocabulary (0: the prompts' characters).
+  rl_model = [o for o in model if not o.startswith("model.vocab_size=")] + ["model.vocab_size=0"]
   return {"sft": ("sft.py:tiny", model + sft), "sft_lora": ("sft.py:tiny", model + sft + lora),
-          "grpo": ("grpo.py:tiny", model + grpo), "grpo_lora": ("grpo.py:tiny", model + grpo + lora)}
+          "grpo": ("grpo.py:tiny", rl_model + grpo),
+          "grpo_lora": ("grpo.py:tiny", rl_model + grpo + lora)}
 
 
 def _maxrss() -> int:
