@@ -200,7 +200,10 @@ def quantize_base(tree, spec):
     if is_quantized(leaf) or not targeted(path, regex):
       continue
     contracting, output = KERNEL_DIMS[path[-2]]
-    q = _quantize_jit(leaf, kind=spec.base_quant, contracting=contracting, output=output)
+    kw = dict(kind=spec.base_quant, contracting=contracting, output=output)
+    # A shapes-only tree (the memory plan's) gets the quantized kernel's shapes, not arrays.
+    q = (jax.eval_shape(functools.partial(_quantize_jit, **kw), leaf)
+         if isinstance(leaf, jax.ShapeDtypeStruct) else _quantize_jit(leaf, **kw))
     out = _set(out, path, _box(q))
   return out
 

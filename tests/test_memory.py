@@ -90,6 +90,23 @@ def test_lora_plan_shows_adapters_and_the_frozen_base_and_a_small_optimizer():
   assert any("LoRA base" in n for n in p.notes)
 
 
+def test_qlora_plan_counts_the_quantized_base():
+  """nf4: the targeted kernels at half a byte a weight plus one float32 absmax per block of 64
+  (0.5625 bytes), the embedding and norms in float32; still exactly the compiled arguments."""
+  from gptjax import memory
+  base = _load("sft.py:tiny")
+  full = _hand_params(base)
+  m = base.model
+  d, hd, f, kv = m.d_model, m.d_model // m.num_heads, m.mlp_dim, m.num_kv_heads
+  kernels = m.num_layers * (d * m.num_heads * hd + 2 * d * kv * hd + m.num_heads * hd * d
+                            + 3 * d * f)
+  cfg = _load("sft.py:tiny", "data.seq_len=32", "model.lora.rank=2", "model.lora.base_quant=nf4")
+  p = memory.plan_config(cfg)
+  assert p.rows["frozen models"] == (full - kernels) * F32 + kernels // 2 + kernels // 64 * F32
+  assert p.compiled["argument_size_in_bytes"] == (
+      _state_args(p) + p.rows["frozen models"] + p.rows["batch"])
+
+
 def _reward_workdir(tmp_path, cfg):
   """A reward stage's workdir as far as the plan reads it: its config.json (the RM's shape)."""
   from gptjax import config as config_lib
