@@ -114,7 +114,9 @@ def batch_maker(objective):
   return make
 
 
-def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
+def _objective(cfg):
+  """The stage's registered preference objective, checked: it is run by this runner and has a
+  data set to read."""
   objective = objectives.for_stage(cfg)
   if objective.runner != "preference":
     raise config_lib.ConfigError(f"loss.name: {cfg.loss.name!r} is not an offline preference "
@@ -122,6 +124,11 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   if not cfg.data.train_source:
     raise config_lib.ConfigError(f"data.train_source: {objective.name} needs a data set "
                                  "(preference_jsonl:PATH)")
+  return objective
+
+
+def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
+  objective = _objective(cfg)
   read = objective.read or load_records
   build = objective.build or encode_pairs
   os.makedirs(workdir, exist_ok=True)
@@ -191,13 +198,7 @@ def memory_parts(cfg, workdir: str | None = None):
   batch as its own builder lays out the first record, at train.batch_size rows, and the initial
   parameters `run` keeps as the reference (with LoRA: the trainer's frozen base, counted there)."""
   from gptjax import memory
-  objective = objectives.for_stage(cfg)
-  if objective.runner != "preference":
-    raise config_lib.ConfigError(f"loss.name: {cfg.loss.name!r} is not an offline preference "
-                                 f"objective (its runner is {objective.runner!r})")
-  if not cfg.data.train_source:
-    raise config_lib.ConfigError(f"data.train_source: {objective.name} needs a data set "
-                                 "(preference_jsonl:PATH)")
+  objective = _objective(cfg)
   common.check_no_dropout(cfg)
   records = (objective.read or load_records)(cfg.data.train_source, cfg)
   tok = common.plan_tokenizer(cfg, workdir, char_text=lambda: "".join(_strings(records)))
