@@ -95,6 +95,23 @@ def _ignore_abandoned_io() -> None:
     previous(unraisable)
   hook._gptjax_abandoned_reads = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_DropSiblingDiskErrors())
+
+
+class _DropSiblingDiskErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" report when the task died of a full
+  or read-only disk.
+
+  One checkpoint save runs a task per array; when the disk fills, the first failure reaches our
+  caller (one message, exit 2), while sibling tasks that failed the same way are dropped
+  unawaited and asyncio logs each one, traceback included, when it is garbage-collected, which
+  may be after the save has returned. Any other never-retrieved exception is still reported."""
+
+  def filter(self, record):
+    if "exception was never retrieved" not in str(record.msg):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return _disk_problem(exc) is None
 
 
 class Checkpointer:

@@ -128,3 +128,35 @@ def test_init_from_loads_another_runs_parameters(micro_run, tmp_path, cached_cor
 def test_init_from_a_directory_without_a_run_fails_clearly(tmp_path, cached_corpus):
   with pytest.raises(FileNotFoundError, match="init_from"):
     run_micro(str(tmp_path / "x"), "train.steps=0", f"train.init_from={tmp_path / 'nothing'}")
+
+
+def test_sibling_writes_that_die_of_a_full_disk_are_not_reported_but_other_errors_are():
+  """A save's first disk failure is the one message; the sibling write tasks that failed the
+  same way and were never awaited must not print a traceback each when collected."""
+  import asyncio
+  import gc
+  import io
+  import logging
+  from gptjax import checkpoint
+  checkpoint._ignore_abandoned_io()
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  logging.getLogger("asyncio").addHandler(handler)
+
+  async def fails(text):
+    raise ValueError(text)
+
+  try:
+    loop = asyncio.new_event_loop()
+    tasks = [loop.create_task(fails("Failed writing: [os_error_code='28']")),
+             loop.create_task(fails("a bug, not the disk"))]
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert all(t.done() for t in tasks)
+    del tasks
+    gc.collect()
+    loop.close()
+  finally:
+    logging.getLogger("asyncio").removeHandler(handler)
+  text = stream.getvalue()
+  assert "a bug, not the disk" in text and "Traceback" in text
+  assert "os_error_code='28'" not in text
