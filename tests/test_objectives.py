@@ -1,6 +1,7 @@
 """The objective registry and the objectives added through it: each loss against its published
 formula on hand-computed numbers (no model), the registry's fields, `--config.loss.<declared>=`,
-and each new objective trained from its micro preset by the stage runners."""
+and new objectives run as pipeline stages (each one's own micro run, with LoRA, is in
+tests/test_lora.py)."""
 
 import json
 import os
@@ -192,29 +193,9 @@ def test_kto_reads_its_format_and_names_the_bad_field(tmp_path):
 
 # ---------------------------------------------------------------- trained end to end (micro) --
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-  path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-  with open(path, "w") as f:
-    for i in range(16):
-      f.write(json.dumps({"prompt": ["hi", "say", "well", "now"][i % 4],
-                          "chosen": "i love it", "rejected": "i hate it"}) + "\n")
-  return str(path)
-
-
-@pytest.mark.parametrize("name", NEW)
-def test_each_new_objective_trains_from_its_preset(name, pairs, tmp_path):
-  from gptjax.stages import run_stage
-  over = ["train.log_every=1"]
-  if objectives.get(name).online:
-    over += ["rl.iterations=2"]
-  else:
-    over += [f"data.train_source=preference_jsonl:{pairs}", "train.steps=4"]
-  cfg = config_lib.load(os.path.join(REPO, "experiments", f"{name}.py") + ":micro", over)
-  res = run_stage(cfg, str(tmp_path), progress=False)
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  assert res.step >= 2 and losses and all(np.isfinite(losses))
+# Each new objective trained from its micro preset by the stage runners is in tests/test_lora.py
+# (test_each_new_objective_trains_from_its_preset_with_lora): one run per objective, with
+# adapters, which goes through the same objective and shared update step as a full fine-tune.
 
 
 def test_new_objectives_are_pipeline_stages_in_the_comparison_and_report(micro_pipeline,
