@@ -322,14 +322,25 @@ def load_merged(workdir: str, abstract_plain, *, step: int | None = None, shardi
   from gptjax import config as config_lib
   cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
   spec = spec_from_config(cfg)
-  model = wrap_for_config(cfg)
+  actor_critic = ckpt_lib.policy_layout(cfg) == "policy"
+  if actor_critic:
+    # PPO with `rl.value_model=critic`: {'policy', 'critic'}, both with adapters; the trainer's
+    # base is the SFT policy and the critic from the reward model (stages/rl.make_init_from).
+    from gptjax.rl import rollout
+    model = rollout.build_model(cfg)
+  else:
+    model = wrap_for_config(cfg)
   init = jax.eval_shape(lambda: nn.meta.unbox(
       model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
   trainable_abs, _ = split(init)
   trainable = ckpt_lib.restore_params(workdir, trainable_abs, step)
   fresh_full = _fresh_init(cfg, model, abstract_plain)
   base = split(fresh_full)[1]
-  if cfg.train.init_from:
+  if actor_critic:
+    sft, rm = cfg.train.init_from, cfg.rl.reward_workdir
+    base = {"policy": ckpt_lib.init_from_workdir(sft, base["policy"]) if sft else base["policy"],
+            "critic": ckpt_lib.init_from_workdir(rm, base["critic"]) if rm else base["critic"]}
+  elif cfg.train.init_from:
     base = ckpt_lib.init_from_workdir(cfg.train.init_from, base)
   # QLoRA: the adapters were trained on the quantized base, so they are merged into that.
   return merge(combine(quantize_base(base, spec), trainable), spec)

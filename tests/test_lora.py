@@ -330,11 +330,15 @@ def _iterations(workdir):
     return [json.loads(l) for l in f]
 
 
-@pytest.mark.parametrize("preset", ["grpo_micro", "ppo_micro"])
-def test_lora_rl_micro_run(tmp_path, preset):
+@pytest.mark.parametrize("preset, value_model", [("grpo_micro", "none"), ("ppo_micro", "head"),
+                                                  ("ppo_micro", "critic")])
+def test_lora_rl_micro_run(tmp_path, preset, value_model):
+  # value_model=critic: PPO's {'policy', 'critic'} tree, both with adapters; its workdir loads as
+  # the plain policy GPT like the others.
   from gptjax import checkpoint as ckpt_lib
   from gptjax.stages import rl as rl_stage
-  cfg, res = _rl(preset, tmp_path, *LORA)
+  cfg, res = _rl(preset, tmp_path, *LORA, f"rl.value_model={value_model}")
+  assert ("critic" in res.state.params) == (value_model == "critic")
   its = _iterations(tmp_path)
   assert len(its) == 2
   # Iteration 0: the policy is the base (B = 0) and the reference is the base with the adapters

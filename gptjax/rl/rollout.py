@@ -79,6 +79,32 @@ class ActorCritic(nn.Module):
     return out.replace(values=critic.values)
 
 
+def workdir_model_config(workdir: str, *, scalar_head: bool) -> ModelConfig:
+  """The model config another stage's workdir recorded (e.g. the RM a critic starts from)."""
+  import os
+  from gptjax import config as config_lib
+  prev = config_lib.from_json(os.path.join(workdir, "config.json"))
+  return dataclasses.replace(config_lib.model_config(prev), scalar_head=scalar_head)
+
+
+def build_model(cfg) -> nn.Module:
+  """An online objective's trained model, from `rl.value_model`: the policy GPT with a value head
+  (`head`) or without one (`none`), or an ActorCritic whose critic has the reward model's shape
+  (`critic`); wrapped with the run's adapters when `model.lora` asks for them. The RL runner
+  and a LoRA workdir's loader (`lora.load_merged`) both build it here, so they agree."""
+  from gptjax import config as config_lib
+  mcfg = config_lib.model_config(cfg)
+  vm = cfg.rl.value_model
+  if vm == "critic":
+    rm_dir = cfg.rl.reward_workdir
+    critic_cfg = (workdir_model_config(rm_dir, scalar_head=True) if rm_dir
+                  else dataclasses.replace(mcfg, scalar_head=True))
+    model = ActorCritic(dataclasses.replace(mcfg, scalar_head=False), critic_cfg)
+  else:
+    model = GPT(dataclasses.replace(mcfg, scalar_head=(vm == "head")))
+  return lora.wrap(model, lora.spec_from_config(cfg))
+
+
 def policy_view(model, params):
   """(GPT module, its params) of the policy alone: what the sampler and the reference run."""
   if isinstance(model, ActorCritic):

@@ -14,7 +14,6 @@ At the end it evaluates the policy on held-out prompts and writes `<workdir>/eva
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -39,23 +38,9 @@ from gptjax.stages import common
 # Models, reference and reward
 # --------------------------------------------------------------------------------------------
 
-def _workdir_model_cfg(workdir: str, *, scalar_head: bool):
-  prev = config_lib.from_json(os.path.join(workdir, "config.json"))
-  return dataclasses.replace(config_lib.model_config(prev), scalar_head=scalar_head)
-
-
-def build_model(cfg):
-  """The trained model: GPT (+ value head) or ActorCritic, from `rl.value_model`."""
-  mcfg = config_lib.model_config(cfg)
-  vm = cfg.rl.value_model
-  if vm == "critic":
-    rm_dir = cfg.rl.reward_workdir
-    critic_cfg = (_workdir_model_cfg(rm_dir, scalar_head=True) if rm_dir
-                  else dataclasses.replace(mcfg, scalar_head=True))
-    model = rollout_lib.ActorCritic(dataclasses.replace(mcfg, scalar_head=False), critic_cfg)
-  else:
-    model = GPT(dataclasses.replace(mcfg, scalar_head=(vm == "head")))
-  return lora.wrap(model, lora.spec_from_config(cfg))
+# The trained model (GPT with or without a value head, or an actor-critic), built in the library
+# so that a LoRA workdir's loader builds the same one.
+build_model = rollout_lib.build_model
 
 
 def make_init_from(cfg, model):
@@ -283,7 +268,7 @@ def memory_parts(cfg, workdir: str | None = None):
   if cfg.rl.reward == "rm":
     if not cfg.rl.reward_workdir:
       raise config_lib.ConfigError("rl.reward='rm' needs rl.reward_workdir (the reward stage)")
-    rm_cfg = _workdir_model_cfg(cfg.rl.reward_workdir, scalar_head=True)
+    rm_cfg = rollout_lib.workdir_model_config(cfg.rl.reward_workdir, scalar_head=True)
     rm_init = common.init_params_fn(GPT(rm_cfg))
     # load_for_inference places the reward model whole on each device.
     held["reward model"] = memory.replicated(
