@@ -107,8 +107,17 @@ def test_engine_rollouts_are_the_engines_draws_fixed_shape_and_reproducible():
   for f in ("tokens", "completion", "logprobs", "completion_mask", "lengths", "total_lengths"):
     got = np.asarray(getattr(out, f))
     assert got.shape == np.asarray(getattr(static, f)).shape, f
-    for other in (again, fewer, want):
-      np.testing.assert_array_equal(got, np.asarray(getattr(other, f)), f)
+    # The same program again: bitwise. Other slot counts are other programs (the rows sit in
+    # batches of another shape), and XLA promises no bitwise agreement between shapes: at the
+    # test session's -O0 one shape's dot contracts multiply-adds and another's does not, so the
+    # log-probs agree to float rounding while every token, mask and length is the same.
+    np.testing.assert_array_equal(got, np.asarray(getattr(again, f)), f)
+    for other in (fewer, want):
+      if f == "logprobs":
+        np.testing.assert_allclose(got, np.asarray(getattr(other, f)), rtol=1e-6, atol=0,
+                                   err_msg=f)
+      else:
+        np.testing.assert_array_equal(got, np.asarray(getattr(other, f)), f)
   lengths, mask = np.asarray(out.lengths), np.asarray(out.completion_mask)
   assert (mask.sum(1) == lengths).all() and len(set(lengths.tolist())) > 1
   # The cost: never more row-steps than the static batch's worst case, 12 rows × 7 steps.
