@@ -240,7 +240,9 @@ def get_config(arg=None):
   # data are shared: they are the verifier's proxy, not the method being compared), and the
   # report pools the seeds' tables.
   c.pipeline.seeds = ()
-  c.pipeline.seeded_stages = ("sft_direct", "sft_cot", "grpo_cot", "ppo_orm", "reason_eval")
+  c.pipeline.seeded_stages = ("sft_direct", "sft_cot", "sft_tool", "grpo_cot", "ppo_orm",
+                              "reason_eval", "tot_eval", "tool_eval", "answer_format",
+                              "check_retry")
   c.pipeline.stage_fns = {
       "task_data": "gptjax.reasoning:task_data_stage",
       "tokenizer": "gptjax.reasoning:tokenizer_stage",
