@@ -422,10 +422,12 @@ def tot_eval_stage(cfg, run_dir: str, progress: bool = True) -> dict:
     k = int(min(max(round(tokens / max(chain_tokens, 1e-9)), 1), c.samples))
     name = method_name(method, c)
     # Named after the search first: the report reads `self-consistency@k` and `best-of-k, ORM`
-    # rows as reason_eval's own.
+    # rows as reason_eval's own. No k in the name: k follows the search's token count, which
+    # differs between training seeds, and the report pools rows of one name across seeds (k is
+    # the row's budget and is in its note).
     label = method.replace("_", "-")
-    sc_name = f"{label} search's tokens: self-consistency@{k}"
-    bo_name = f"{label} search's tokens: best-of-{k}, ORM"
+    sc_name = f"{label} search's tokens: self-consistency"
+    bo_name = f"{label} search's tokens: best-of-k by the ORM"
     sc = [ar.vote_at_k(a, g, k, draws=c.draws, seed=c.seed + j)
           for j, (a, g) in enumerate(zip(answers, gold))]
     bo = [ar.best_at_k(r, cc, k, draws=c.draws, seed=c.seed + j)

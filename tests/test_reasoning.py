@@ -65,8 +65,10 @@ def test_every_stage_runs_and_the_table_has_every_method(micro_reasoning):
     row = tot[name]
     k = row["budget"]
     label = "beam" if "beam" in name else "best-first"
-    assert row["claim"]["against"] == f"{label} search's tokens: self-consistency@{k}"
-    assert row["claim"]["against"] in tot and f"{label} search's tokens: best-of-{k}, ORM" in tot
+    assert row["claim"]["against"] == f"{label} search's tokens: self-consistency"
+    assert row["claim"]["against"] in tot
+    assert tot[f"{label} search's tokens: best-of-k by the ORM"]["budget"] == k
+    assert tot[row["claim"]["against"]]["budget"] == k
     assert 1 <= k <= 4 and row["tokens_per_problem"] > 0
     assert abs(row["tokens_per_problem"] - tot[row["claim"]["against"]]["tokens_per_problem"]) \
         <= tot[row["claim"]["against"]]["tokens_per_problem"] / k / 2 + 1e-9 or k in (1, 4)
