@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import os
 import time
 from typing import Callable, Sequence
 
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib
+from gptjax import config as config_lib
 from gptjax import engine as engine_lib
 from gptjax import lora
 from gptjax import metrics as metrics_lib
@@ -81,8 +83,6 @@ class ActorCritic(nn.Module):
 
 def workdir_model_config(workdir: str, *, scalar_head: bool) -> ModelConfig:
   """The model config another stage's workdir recorded (e.g. the RM a critic starts from)."""
-  import os
-  from gptjax import config as config_lib
   prev = config_lib.from_json(os.path.join(workdir, "config.json"))
   return dataclasses.replace(config_lib.model_config(prev), scalar_head=scalar_head)
 
@@ -92,7 +92,6 @@ def build_model(cfg) -> nn.Module:
   (`head`) or without one (`none`), or an ActorCritic whose critic has the reward model's shape
   (`critic`); wrapped with the run's adapters when `model.lora` asks for them. The RL runner
   and a LoRA workdir's loader (`lora.load_merged`) both build it here, so they agree."""
-  from gptjax import config as config_lib
   mcfg = config_lib.model_config(cfg)
   vm = cfg.rl.value_model
   if vm == "critic":
