@@ -270,6 +270,7 @@ class EngineStats:
   admitted: int = 0
   refills: int = 0               # prompts admitted into a slot freed by a finished request
   compactions: int = 0
+  slot_counts: set = dataclasses.field(default_factory=set)   # the decode batch sizes run
   tool_calls: int = 0            # answers appended by a ToolLoop
   tool_pauses: int = 0           # pauses at a trigger, answered or not
   # request -> [(start, end)) completion indices of the tokens a tool appended
@@ -512,9 +513,13 @@ class _Run:
         # Nothing left to admit: move the live rows into fewer slots (power-of-two sizes, so
         # only a few shapes are ever compiled).
         width = _bucket(len(live), width)
-        keep = live + [len(owner)]                   # the scratch row stays last
+        # The live rows, then free (finished, so done) slots up to the bucket's size: the
+        # compacted state always has a power-of-two slot count, so each size compiles once (a
+        # state of len(live) slots compiled anew for nearly every count reached).
+        spare = [s for s, q in enumerate(owner) if q < 0][:width - len(live)]
+        keep = live + spare + [len(owner)]           # the scratch row stays last
         cache, rows = _gather(cache, rows, jnp.asarray(keep, jnp.int32))
-        owner = [owner[s] for s in live]
+        owner = [owner[s] for s in live] + [-1] * len(spare)
         stats.compactions += 1
       cache, rows, taken = _decode(self.model, self.params, cache, rows, clock, self.rng,
                                    self.eos, self.trig, c, c.chunk, self.automaton)
@@ -522,3 +527,4 @@ class _Run:
       clock += taken
       stats.decode_steps += taken
       stats.row_steps += taken * len(owner)
+      stats.slot_counts.add(len(owner))

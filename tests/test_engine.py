@@ -81,6 +81,9 @@ def test_cost_follows_generated_tokens(setup):
   assert stats.compactions >= 1
   # (each row's first token comes from its admission, not a decode step)
   assert generated - 10 <= stats.row_steps < static
+  # Compaction keeps a power-of-two slot count (below the first width), so each size compiles
+  # once per run, not once for every number of live rows it happens to reach.
+  assert len(stats.slot_counts) > 1 and stats.slot_counts <= {10, 8, 4, 2, 1}, stats.slot_counts
 
 
 def test_grpo_micro_run_with_engine_rollouts(tmp_path):
