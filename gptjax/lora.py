@@ -324,8 +324,7 @@ def load_merged(workdir: str, abstract_plain, *, step: int | None = None, shardi
   spec = spec_from_config(cfg)
   actor_critic = ckpt_lib.policy_layout(cfg) == "policy"
   if actor_critic:
-    # PPO with `rl.value_model=critic`: {'policy', 'critic'}, both with adapters; the trainer's
-    # base is the SFT policy and the critic from the reward model (stages/rl.make_init_from).
+    # PPO with `rl.value_model=critic`: {'policy', 'critic'}, both with adapters.
     from gptjax.rl import rollout
     model = rollout.build_model(cfg)
   else:
@@ -337,9 +336,8 @@ def load_merged(workdir: str, abstract_plain, *, step: int | None = None, shardi
   fresh_full = _fresh_init(cfg, model, abstract_plain)
   base = split(fresh_full)[1]
   if actor_critic:
-    sft, rm = cfg.train.init_from, cfg.rl.reward_workdir
-    base = {"policy": ckpt_lib.init_from_workdir(sft, base["policy"]) if sft else base["policy"],
-            "critic": ckpt_lib.init_from_workdir(rm, base["critic"]) if rm else base["critic"]}
+    # The trainer's rule: the policy from the SFT run, the critic from the reward model's.
+    base = (rollout.make_init_from(cfg, model) or (lambda fresh: fresh))(base)
   elif cfg.train.init_from:
     base = ckpt_lib.init_from_workdir(cfg.train.init_from, base)
   # QLoRA: the adapters were trained on the quantized base, so they are merged into that.

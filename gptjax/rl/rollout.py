@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import batches as batches_lib
+from gptjax import checkpoint
 from gptjax import config as config_lib
 from gptjax import engine as engine_lib
 from gptjax import lora
@@ -102,6 +103,32 @@ def build_model(cfg) -> nn.Module:
   else:
     model = GPT(dataclasses.replace(mcfg, scalar_head=(vm == "head")))
   return lora.wrap(model, lora.spec_from_config(cfg))
+
+
+def make_init_from(cfg, model):
+  """fresh params -> initial params: the policy from `train.init_from` (SFT), the critic (if any)
+  from the reward model's workdir. None when there is nothing to load. The RL runner starts from
+  it, and a LoRA workdir's loader (`lora.load_merged`) rebuilds its frozen base by it."""
+  sft, rm = cfg.train.init_from, cfg.rl.reward_workdir
+  critic = isinstance(model, ActorCritic)
+  head = not critic and model.cfg.scalar_head
+  if not sft and not (critic and rm) and not head:
+    return None
+
+  def init_from(fresh):
+    if critic:
+      return {"policy": checkpoint.init_from_workdir(sft, fresh["policy"]) if sft
+              else fresh["policy"],
+              "critic": checkpoint.init_from_workdir(rm, fresh["critic"]) if rm
+              else fresh["critic"]}
+    params = checkpoint.init_from_workdir(sft, fresh) if sft else fresh
+    if not head:                 # GRPO: no critic, nothing to zero
+      return params
+    # A fresh value head starts at zero: a random projection of the trunk would put O(1) noise
+    # into every early advantage (the scores are much smaller), drowning the policy signal until
+    # the critic catches up.
+    return {**params, "scalar_head": jax.tree.map(jnp.zeros_like, params["scalar_head"])}
+  return init_from
 
 
 def policy_view(model, params):

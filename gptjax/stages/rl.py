@@ -20,7 +20,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import lora
 from gptjax import sampling
@@ -43,29 +42,9 @@ from gptjax.stages import common
 build_model = rollout_lib.build_model
 
 
-def make_init_from(cfg, model):
-  """fresh params -> initial params: the policy from `train.init_from` (SFT), the critic (if any)
-  from the reward model's workdir. None when there is nothing to load."""
-  sft, rm = cfg.train.init_from, cfg.rl.reward_workdir
-  critic = isinstance(model, rollout_lib.ActorCritic)
-  head = not critic and model.cfg.scalar_head
-  if not sft and not (critic and rm) and not head:
-    return None
-
-  def init_from(fresh):
-    if critic:
-      return {"policy": ckpt_lib.init_from_workdir(sft, fresh["policy"]) if sft
-              else fresh["policy"],
-              "critic": ckpt_lib.init_from_workdir(rm, fresh["critic"]) if rm
-              else fresh["critic"]}
-    params = ckpt_lib.init_from_workdir(sft, fresh) if sft else fresh
-    if not head:                 # GRPO: no critic, nothing to zero
-      return params
-    # A fresh value head starts at zero: a random projection of the trunk would put O(1) noise
-    # into every early advantage (the scores are much smaller), drowning the policy signal until
-    # the critic catches up.
-    return {**params, "scalar_head": jax.tree.map(jnp.zeros_like, params["scalar_head"])}
-  return init_from
+# The initial parameters (policy from SFT, critic from the RM, a zeroed value head), also in the
+# library: a LoRA workdir's loader rebuilds its base by the same rule.
+make_init_from = rollout_lib.make_init_from
 
 
 def make_scorer(cfg):
