@@ -330,14 +330,26 @@ def _traces(problems, texts, values, k: int = 3) -> list[dict]:
 
 
 def _score_with_rm(rm, policy_tok, questions, ids) -> np.ndarray:
-  """ORM scores [Q, n] of sampled completion ids."""
+  """ORM scores [Q, n] of sampled completion ids.
+
+  Each distinct (question, completion) is scored once: at a modest temperature many of a
+  problem's chains are the same text (most correct ones are), and the RM is a function of the
+  text, so the copies take their original's score."""
   p_ids = prompt_ids(questions, policy_tok)
-  flat_p = [p for p, row in zip(p_ids, ids) for _ in row]
-  flat_c = [c for row in ids for c in row]
+  where, flat_p, flat_c = [], [], []
+  first = {}
+  for q, row in enumerate(ids):
+    for c in row:
+      key = (q, tuple(c))
+      if key not in first:
+        first[key] = len(flat_c)
+        flat_p.append(p_ids[q])
+        flat_c.append(c)
+      where.append(first[key])
   scores = []
   for start in range(0, len(flat_p), 512):
     scores.append(np.asarray(rm(flat_p[start:start + 512], flat_c[start:start + 512])))
-  return np.concatenate(scores).reshape(len(ids), -1)
+  return np.concatenate(scores)[np.asarray(where, np.int64)].reshape(len(ids), -1)
 
 
 def _draw_pool(e, cot_pol, questions) -> tuple[dict, dict, dict]:

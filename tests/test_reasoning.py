@@ -336,6 +336,27 @@ def test_sample_groups_prompts_by_width_and_is_reproducible():
   assert greedy[0] == greedy[1]
 
 
+def test_orm_scores_each_distinct_chain_once_and_copies_take_its_score():
+  from gptjax.data.tokenizers import CharTokenizer
+  tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ?0123456789")
+  scored = []
+
+  def rm(prompts, completions):
+    # A function of the text (prompt and completion), like an RM; records what it was asked.
+    scored.extend(zip(map(tuple, prompts), map(tuple, completions)))
+    return np.asarray([sum(p) * 0.01 + sum(c) * 0.1 + len(c) for p, c in
+                       zip(prompts, completions)], np.float32)
+
+  ids = [[[5, 6], [5, 6], [7], [5, 6]], [[5, 6], [8, 9, 9], [8, 9, 9], [1]]]
+  qs = ["one?", "two?"]
+  got = reasoning._score_with_rm(rm, tok, qs, ids)
+  # Five distinct (question, chain) pairs: the same chain under another question is distinct.
+  assert len(scored) == 5
+  p_ids = reasoning.prompt_ids(qs, tok)
+  want = np.asarray([[float(rm([p_ids[q]], [c])[0]) for c in row] for q, row in enumerate(ids)])
+  np.testing.assert_array_equal(got, want)
+
+
 def test_a_later_stage_adds_rows_and_keeps_the_others(tmp_path):
   """A method measured by a stage of its own adds its rows to reason_eval.json; running it again
   replaces only its own rows, and another stage's rows stay as they were."""
@@ -444,3 +465,4 @@ def test_a_cell_of_all_successes_holds_its_own_estimate():
   for values in ([1] * 6, [0] * 6, [1, 0, 1]):
     c = reasoning.table_row("m", 1, ["a"] * len(values), values)["per_band"]["a"]
     assert c["lo"] <= c["acc"] <= c["hi"], c
+
