@@ -38,6 +38,7 @@ from gptjax.data.errors import DataError
 from gptjax.stage_names import SEEDS_DIR
 
 DONE_FILE = "done.json"
+XLA_CACHE_DIR = "xla_cache"       # <run>/xla_cache: the run's compiled programs (see `run`)
 
 
 def stage_dir(run_dir: str, name: str) -> str:
@@ -443,7 +444,8 @@ def _link_shared_stages(run_dir: str, seed_dir: str, seeded: list[str]) -> None:
   for name in sorted(os.listdir(run_dir)):
     target = stage_dir(run_dir, name)
     link = stage_dir(seed_dir, name)
-    if (name in seeded or name in ("report", SEEDS_DIR) or not os.path.isdir(target)):
+    if (name in seeded or name in ("report", SEEDS_DIR, XLA_CACHE_DIR)
+        or not os.path.isdir(target)):
       continue
     if not os.path.lexists(link) and jax.process_index() == 0:
       os.symlink(os.path.relpath(target, seed_dir), link)
@@ -467,6 +469,13 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
   extra = _extra_seeds(cfg)
   seeded = seeded_stages(cfg) if extra else []
   os.makedirs(run_dir, exist_ok=True)
+  if not jax.config.jax_compilation_cache_dir and jax.process_count() == 1:
+    # The stages compile many of the same programs: the SFT stages share one train step, the
+    # evaluation stages share samplers, and a seed's stages compile everything its first run did.
+    # A cache hit is the executable XLA would have built, so no result depends on it. (One
+    # process only: with several, each would write the same entries to the one shared folder.)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(run_dir, XLA_CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, "pipeline_config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))

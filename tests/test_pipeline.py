@@ -254,3 +254,23 @@ def test_bad_seed_settings_are_one_line_errors(flag, message, tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_a_run_keeps_its_compiled_programs_and_seeds_share_them(tmp_path):
+  """With no compilation cache configured (the suite configures one), a pipeline keeps its
+  compiled programs in <run>/xla_cache, where its later stages and extra seeds find them; the
+  cache is not a stage, so a seed's directory does not link it."""
+  from conftest import reasoning_cmd
+  env = child_env()
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  run = str(tmp_path / "run")
+  proc = subprocess.run(
+      reasoning_cmd(run, "--config.pipeline.stages=('task_data','tokenizer','pretrain')",
+                    "--config.pipeline.seeded_stages=('pretrain',)", "--seeds", "0,1"),
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert os.listdir(os.path.join(run, "xla_cache"))
+  seed_dir = os.path.join(run, "seeds", "1")
+  assert os.path.exists(os.path.join(seed_dir, "pretrain", "done.json"))
+  assert os.path.islink(os.path.join(seed_dir, "task_data"))
+  assert not os.path.lexists(os.path.join(seed_dir, "xla_cache"))
