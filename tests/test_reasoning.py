@@ -466,3 +466,19 @@ def test_a_cell_of_all_successes_holds_its_own_estimate():
     c = reasoning.table_row("m", 1, ["a"] * len(values), values)["per_band"]["a"]
     assert c["lo"] <= c["acc"] <= c["hi"], c
 
+
+def test_tiny_is_the_core_table_and_tiny_all_adds_the_companion_rows_at_the_same_sizes():
+  from gptjax import config as config_lib
+  from gptjax import pipeline
+  path = os.path.join(REPO, "experiments", "arithmetic_reasoning.py")
+  tiny, every = (config_lib.load(f"{path}:{p}") for p in ("tiny", "tiny_all"))
+  extra = ("tool_data", "sft_tool", "tot_eval", "tool_eval", "answer_format")
+  assert tuple(every.pipeline.stages) == STAGES
+  assert tuple(tiny.pipeline.stages) == tuple(s for s in STAGES if s not in extra)
+  # Every stage both run is configured alike, so tiny_all on a finished tiny run reuses them.
+  for s in tiny.pipeline.stages:
+    if s in tiny:
+      assert tiny[s].to_dict() == every[s].to_dict(), s
+  # A seed re-runs only stages the preset has (checked when the pipeline starts).
+  assert "sft_tool" not in pipeline.seeded_stages(tiny)
+  assert "sft_tool" in pipeline.seeded_stages(every)
