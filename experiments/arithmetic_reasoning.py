@@ -29,9 +29,9 @@ directory):
 
 Presets: `micro` (tests: seconds per stage, the numbers mean nothing), `tiny` (2 CPU cores,
 sized from measured trials; the core table, without the stages of EXTRA_STAGES) and `tiny_all`
-(the same sizes, every stage: the committed card). benchmarks/RESULTS.md gives their wall times. The held-out set holds the
-training bands plus bands beyond them (one more digit, one more step), to test length
-generalisation. Choose presets on the validation problems (training split; see
+(the same sizes, every stage: the committed card). benchmarks/RESULTS.md gives their wall
+times. The held-out set holds the training bands plus bands beyond them (one more digit, one
+more step), to test length generalisation. Choose presets on the validation problems (training split; see
 benchmarks/reasoning_pretrain_mix.py), never on held-out ones: benchmarks/RESULTS.md says what
 the current sizes rest on.
 """
@@ -51,7 +51,7 @@ STAGES = ("task_data", "tokenizer", "pretrain", "sft_direct", "sft_cot", "tool_d
 # The rows beyond the core table (a tool model, tree search, constrained decoding): `tiny` leaves
 # them out so that the core card (direct, CoT, self-consistency, best-of-N, GRPO, PPO,
 # check-and-retry) fits the ~25-minute budget on 2 CPU cores; `tiny_all` (and `micro`) runs them
-# too, and adding them to a finished `tiny` run adds their rows (benchmarks/RESULTS.md: 23.6
+# too, and adding them to a finished `tiny` run adds their rows (benchmarks/RESULTS.md: 23.8
 # against 31 minutes on a quiet host).
 EXTRA_STAGES = ("tool_data", "sft_tool", "tot_eval", "tool_eval", "answer_format")
 
