@@ -84,7 +84,8 @@ def main():
       fns[f"engine, chunk {c}"] = functools.partial(
           engine.generate, model, params, prompts, lengths, slots=args.slots, chunk=c, **kw)
     for name, fn in fns.items():
-      out = jax.block_until_ready(fn())        # warm-up: compiles every slot count this draw reaches
+      # Warm-up: compiles every slot count this draw reaches.
+      out = jax.block_until_ready(fn())
       times = []
       for _ in range(args.repeats):
         t0 = time.perf_counter()
