@@ -474,6 +474,8 @@ def run(cfg, run_dir: str, *, progress: bool = True) -> int:
     # evaluation stages share samplers, and a seed's stages compile everything its first run did.
     # A cache hit is the executable XLA would have built, so no result depends on it. (One
     # process only: with several, each would write the same entries to the one shared folder.)
+    # The setting is the process's: a later pipeline in the same process (a notebook that runs
+    # two) keeps using the first run's folder, which is harmless, as entries are keyed by program.
     jax.config.update("jax_compilation_cache_dir", os.path.join(run_dir, XLA_CACHE_DIR))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   if jax.process_index() == 0:
