@@ -256,10 +256,10 @@ def test_bad_seed_settings_are_one_line_errors(flag, message, tmp_path):
   assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
-def test_a_run_keeps_its_compiled_programs_and_seeds_share_them(tmp_path):
+def test_a_run_keeps_its_compiled_programs_where_seeds_do_not_link_them(tmp_path):
   """With no compilation cache configured (the suite configures one), a pipeline keeps its
-  compiled programs in <run>/xla_cache, where its later stages and extra seeds find them; the
-  cache is not a stage, so a seed's directory does not link it."""
+  compiled programs in <run>/xla_cache; the cache is not a stage, so a seed's directory does not
+  link it (the seed's stages read it through the process's setting)."""
   from conftest import reasoning_cmd
   env = child_env()
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
