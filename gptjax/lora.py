@@ -337,7 +337,9 @@ def load_merged(workdir: str, abstract_plain, *, step: int | None = None, shardi
   base = split(fresh_full)[1]
   if actor_critic:
     # The trainer's rule: the policy from the SFT run, the critic from the reward model's.
-    base = (rollout.make_init_from(cfg, model) or (lambda fresh: fresh))(base)
+    init_from = rollout.make_init_from(cfg, model)
+    if init_from is not None:
+      base = init_from(base)
   elif cfg.train.init_from:
     base = ckpt_lib.init_from_workdir(cfg.train.init_from, base)
   # QLoRA: the adapters were trained on the quantized base, so they are merged into that.

@@ -42,11 +42,6 @@ from gptjax.stages import common
 build_model = rollout_lib.build_model
 
 
-# The initial parameters (policy from SFT, critic from the RM, a zeroed value head), also in the
-# library: a LoRA workdir's loader rebuilds its base by the same rule.
-make_init_from = rollout_lib.make_init_from
-
-
 def make_scorer(cfg):
   return reward_model.make_scorer(cfg.rl.reward, cfg.rl.reward_workdir)
 
@@ -128,7 +123,7 @@ def run(cfg, workdir: str, *, progress: bool = True) -> trainer.TrainResult:
   env = common.make_env(cfg)
   model = build_model(cfg)
   init_params = common.init_params_fn(model)
-  init_from = make_init_from(cfg, model)
+  init_from = rollout_lib.make_init_from(cfg, model)
   ref_full = common.initial_params(cfg, model, env.mesh, init_params, init_from)
   # With LoRA the reference is the base with the adapters off, read from the same buffers the
   # trainer keeps frozen (ref_full is handed to it as base_params): one copy of the base.
