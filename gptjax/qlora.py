@@ -177,9 +177,44 @@ def _set(tree, path, value):
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "contracting", "output"))
-def _quantize_jit(w, *, kind, contracting, output):
-  return quantize_kernel(w, kind, contracting=contracting, output=output)
+@functools.partial(jax.jit, static_argnames=("kind", "contracting", "output", "placement"))
+def _quantize_jit(w, *, kind, contracting, output, placement=None):
+  q = quantize_kernel(w, kind, contracting=contracting, output=output)
+  if placement is not None:
+    # Constrained inside the program, so no device ever holds more than its part of the codes.
+    q = q.replace(codes=jax.lax.with_sharding_constraint(q.codes, placement[0]),
+                  scales=jax.lax.with_sharding_constraint(q.scales, placement[1]))
+  return q
+
+
+def stored_shardings(w, kind: str, *, contracting: int, output: int):
+  """(codes, scales) NamedShardings that split a quantized kernel over the devices its float
+  kernel `w` [..., *in, *out] is split over; None when `w` carries no NamedSharding.
+
+  int8 codes have the kernel's shape and take its spec; the per-channel scales take the spec of
+  the layer stack and output dims. nf4 blocks run through the kernel in row-major order, so no
+  block index stands for one kernel axis: its blocks are split over every mesh axis the kernel's
+  own dims use (each device then stores its share, as with the float kernel), and the layer
+  stack keeps its spec. A dimension the axes do not divide is replicated (`sharding.fit_spec`)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from gptjax import sharding as shd
+  sh = getattr(w, "sharding", None)
+  if not isinstance(sh, NamedSharding):
+    return None
+  spec = tuple(sh.spec) + (None,) * (w.ndim - len(sh.spec))
+  lead = w.ndim - contracting - output
+  if kind == "int8":
+    codes, scales = spec, spec[:lead] + spec[lead + contracting:]
+  else:
+    axes = tuple(a for part in spec[lead:]
+                 for a in (part if isinstance(part, tuple) else (part,)) if a)
+    blocks = None if not axes else axes[0] if len(axes) == 1 else axes
+    codes, scales = spec[:lead] + (blocks, None), spec[:lead] + (blocks,)
+  shapes = jax.eval_shape(functools.partial(quantize_kernel, kind=kind, contracting=contracting,
+                                            output=output),
+                          jax.ShapeDtypeStruct(w.shape, w.dtype))
+  return tuple(NamedSharding(sh.mesh, shd.fit_spec(P(*s), x.shape, sh.mesh))
+               for s, x in ((codes, shapes.codes), (scales, shapes.scales)))
 
 
 def targeted(path, module_regex: str) -> bool:
@@ -202,8 +237,17 @@ def quantize_base(tree, spec):
     contracting, output = KERNEL_DIMS[path[-2]]
     kw = dict(kind=spec.base_quant, contracting=contracting, output=output)
     # A shapes-only tree (the memory plan's) gets the quantized kernel's shapes, not arrays.
-    q = (jax.eval_shape(functools.partial(_quantize_jit, **kw), leaf)
-         if isinstance(leaf, jax.ShapeDtypeStruct) else _quantize_jit(leaf, **kw))
+    kw["placement"] = stored_shardings(leaf, spec.base_quant, contracting=contracting,
+                                       output=output)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      q = jax.eval_shape(functools.partial(_quantize_jit, **kw), leaf)
+      if kw["placement"] is not None:
+        # eval_shape drops shardings; the plan counts each device's part of a sharded leaf.
+        placed = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        codes_sh, scales_sh = kw["placement"]
+        q = q.replace(codes=placed(q.codes, codes_sh), scales=placed(q.scales, scales_sh))
+    else:
+      q = _quantize_jit(leaf, **kw)
     out = _set(out, path, _box(q))
   return out
 

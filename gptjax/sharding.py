@@ -82,7 +82,7 @@ def rules_from_config(rules) -> tuple:
   return tuple(out)
 
 
-def _fit(spec: P, shape, mesh: Mesh) -> P:
+def fit_spec(spec: P, shape, mesh: Mesh) -> P:
   """Drops mesh axes that do not divide a dimension (e.g. a 65-character vocabulary over tensor=2);
   that dimension is replicated instead, and we say so."""
   parts = []
@@ -101,8 +101,8 @@ def logical_to_sharding(abstract_tree, mesh: Mesh, rules):
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   unboxed = nn.meta.unbox(abstract_tree)
-  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)), mesh_specs, unboxed,
-                      is_leaf=lambda s: isinstance(s, P))
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s, x.shape, mesh)), mesh_specs,
+                      unboxed, is_leaf=lambda s: isinstance(s, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

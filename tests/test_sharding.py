@@ -35,6 +35,24 @@ def test_kernels_are_really_sharded_on_the_3d_mesh(parity):
   assert parity["fc_kernel_spec"] == [None, "fsdp", "tensor"]
 
 
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_qlora_base_is_stored_split_like_its_float_kernels(parity, kind):
+  """Each device stores its share of a QLoRA base's codes and scales (a quarter of an MLP kernel's
+  over fsdp x tensor), placed by `qlora.stored_shardings`, not left to XLA (which may replicate
+  them), and the values are those of quantizing the whole base on one device. The memory plan's
+  shapes-only base carries the same shardings."""
+  got = parity["qlora"][kind]
+  assert got["max_diff"] == 0.0 and got["abstract_same"]
+  fc = got["shards"]["blocks/mlp/fc/kernel"]
+  (full, shard) = fc["codes"]
+  # int8: [layers, embed, mlp] split (None, fsdp, tensor); nf4: [layers, blocks, 32] with the
+  # blocks split over both axes.
+  assert int(np.prod(shard)) * 4 == int(np.prod(full)), fc
+  assert all(int(np.prod(s)) < int(np.prod(f)) for f, s in got["shards"]["blocks/attn/query/"
+                                                                        "kernel"].values()), got
+  assert len(got["shards"]) >= 6
+
+
 def test_grad_accum_on_a_sharded_mesh(parity):
   # Accumulation changes only how the batch is summed, so the losses match the one-shot run.
   np.testing.assert_allclose(parity["accum2_losses"], parity["(1, 1, 1)"]["losses"][:2],
@@ -58,9 +76,9 @@ def test_rules_reject_unknown_mesh_axis():
 
 
 def test_dimension_that_does_not_divide_is_replicated():
-  # _fit reads only the mesh's axis sizes, so a stand-in mesh of 4 devices is enough here.
+  # fit_spec reads only the mesh's axis sizes, so a stand-in mesh of 4 devices is enough here.
   mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 2})
-  assert shd._fit(P("tensor", "fsdp"), (64, 32), mesh) == P("tensor", "fsdp")
+  assert shd.fit_spec(P("tensor", "fsdp"), (64, 32), mesh) == P("tensor", "fsdp")
   # A 65-character vocabulary cannot split over tensor=2: that dimension is replicated instead.
-  assert shd._fit(P("tensor", "fsdp"), (65, 32), mesh) == P(None, "fsdp")
-  assert shd._fit(P(("data", "fsdp"), None), (3, 32), mesh) == P(None, None)
+  assert shd.fit_spec(P("tensor", "fsdp"), (65, 32), mesh) == P(None, "fsdp")
+  assert shd.fit_spec(P(("data", "fsdp"), None), (3, 32), mesh) == P(None, None)

@@ -19,6 +19,36 @@ import tiny_training  # noqa: E402
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
+def qlora_placement(params):
+  """QLoRA's quantized base on the (2, 2, 2) mesh: for each format, each targeted kernel's codes
+  and scales as (global shape, one device's shard shape), and the largest difference between the
+  dequantized sharded base and the same base quantized whole on the host."""
+  from gptjax import lora, qlora
+  whole = jax.device_get(params)
+  res = {}
+  for kind in qlora.BASE_QUANTS:
+    spec = lora.LoraSpec(rank=4, targets=("q", "k", "v", "o", "mlp"), base_quant=kind)
+    placed, host = qlora.quantize_base(params, spec), qlora.quantize_base(whole, spec)
+    # The memory plan's shapes-only tree: the same placement, so it counts each device's part.
+    abstract = qlora.quantize_base(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params), spec)
+    shards, diff, same = {}, 0.0, True
+    for (path, q), (_, h), (_, a) in zip(qlora._paths(placed), qlora._paths(host),
+                                         qlora._paths(abstract)):
+      if not qlora.is_quantized(q):
+        continue
+      q = q.array
+      same &= all(x.sharding.is_equivalent_to(y.sharding, y.ndim) for x, y in
+                  ((a.array.codes, q.codes), (a.array.scales, q.scales)))
+      shards["/".join(path)] = {
+          name: [list(x.shape), list(x.addressable_shards[0].data.shape)]
+          for name, x in (("codes", q.codes), ("scales", q.scales))}
+      diff = max(diff, float(np.max(np.abs(np.asarray(q.dequantize())
+                                            - np.asarray(h.array.dequantize())))))
+    res[kind] = {"shards": shards, "max_diff": diff, "abstract_same": bool(same)}
+  return res
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   data = tiny_training.global_batches(5)
@@ -34,6 +64,7 @@ def main():
       _, state, _ = tiny_training.init_on_mesh(mesh, tiny_training.default_optimizer())
       spec = state.params["blocks"]["mlp"]["fc"]["kernel"].sharding.spec
       out["fc_kernel_spec"] = [None if s is None else str(s) for s in spec]
+      out["qlora"] = qlora_placement(state.params)
   # Gradient accumulation on a sharded mesh: the micro-batch split has to keep rows on devices.
   mesh = shd.make_mesh((2, 2, 2))
   out["accum2_losses"], _ = tiny_training.train(mesh, data[:2], grad_accum=2)
