@@ -23,7 +23,9 @@ GRPO: one update on the 64 completions. PPO: a value head on the policy trunk, 4
 minibatch of 64. The reward is a function of the token ids (cheap, so the figures
 are the framework's). Both go through the library's real path: `RolloutSource.make_rollouts`
 (sampler with KV cache, policy / reference / value forwards, advantages) and the shared
-`make_train_step`. Medians over repeats after warm-up iterations (which include compilation).
+`make_train_step`. Medians over repeats after warm-up iterations (which include compilation; the
+engine compiles one decode program per slot count and cache length it meets, so its warm-up
+needs more iterations: the line says how many compilations still fell in the timed ones).
 The minor page faults per iteration show how much memory the step touches for the first time;
 `gptjax.perf.retain_host_memory()` is on unless GPTJAX_RETAIN_HOST_MEMORY=0.
 """
@@ -127,6 +129,20 @@ def build(algorithm: str, decoder: str = "static", setup: Setup = Setup()):
   return source, train_step, state
 
 
+# XLA compilations (count, seconds), from jax's own event: an iteration that compiles (the
+# engine meets a new slot count or cache length) is then told apart from the steady state.
+_COMPILES = [0, 0.0]
+
+
+def _on_event(event: str, seconds: float, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+    _COMPILES[1] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
 def _minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -154,6 +170,7 @@ def measure(algorithm: str, *, warmup: int, repeats: int, decoder: str = "static
     state, *_ = iteration(source, train_step, state)
   warm_s = time.perf_counter() - t_start
   roll, upd, faults, lengths, row_steps = [], [], [], [], []
+  compiles = list(_COMPILES)
   for _ in range(repeats):
     state, r, u, f, m = iteration(source, train_step, state)
     roll.append(r)
@@ -169,7 +186,9 @@ def measure(algorithm: str, *, warmup: int, repeats: int, decoder: str = "static
           "minor_faults": int(np.median(faults)), "completions": setup.prompts * setup.group,
           "new_tokens": setup.new_tokens, "mean_len": setup.mean_len, "repeats": repeats,
           "completion_length": float(np.mean(lengths)),
-          "decode_row_steps": float(np.median(row_steps))}
+          "decode_row_steps": float(np.median(row_steps)),
+          "timed_compiles": _COMPILES[0] - compiles[0],
+          "timed_compile_s": _COMPILES[1] - compiles[1]}
 
 
 def main():
@@ -222,7 +241,8 @@ def main():
             f"update {r['update_s']:.3f} s for {r['updates_per_iteration']} step(s); mean "
             f"length {r['completion_length']:.1f}, {r['decode_row_steps']:.0f} decode row-steps; "
             f"target ≤ {target} s; warm-up {r['warmup_s']:.1f} s; {r['minor_faults']} minor "
-            f"page faults)", flush=True)
+            f"page faults; {r['timed_compiles']} compilations in the timed iterations, "
+            f"{r['timed_compile_s']:.1f} s)", flush=True)
     mine = {r["decoder"]: r for r in results if r["algorithm"] == algo}
     if len(mine) == 2:
       st, en = mine["static"], mine["engine"]

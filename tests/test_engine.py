@@ -86,25 +86,61 @@ def test_cost_follows_generated_tokens(setup):
   assert len(stats.slot_counts) > 1 and stats.slot_counts <= {10, 8, 4, 2, 1}, stats.slot_counts
 
 
+def test_the_cache_grows_in_phases_and_changes_no_result(setup):
+  """Generations long enough for two decode phases: the cache starts at the first phase's length
+  and grows; with refills the clock also runs past the full length and the cache shifts. Neither
+  changes a token, and the log-probs still equal a plain forward."""
+  model, params, prompts, lengths = setup
+  # EOS less likely than in the fixture, so that rows outlive the first phase.
+  params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, EOS].add(-0.6)}}
+  setup = (model, params, prompts, lengths)
+  ladder = engine.cache_ladder(engine.EngineControls(max_new_tokens=64, prompt_width=7, chunk=4))
+  assert ladder == (7 + 32 + 4, 7 + 64 + 4)
+  whole, stats = _gen(setup, slots=10, chunk=4, max_new_tokens=64)
+  assert stats.cache_lengths == set(ladder) and stats.shifts == 0
+  # Attention read fewer slots than a cache of the full length from the start would have.
+  assert stats.slot_reads < stats.row_steps * ladder[-1]
+  refilled, stats = _gen(setup, slots=3, chunk=4, max_new_tokens=64)
+  assert stats.refills >= 7 and stats.shifts >= 1
+  for f in ("tokens", "completion", "completion_mask", "lengths"):
+    np.testing.assert_array_equal(np.asarray(getattr(refilled, f)), np.asarray(getattr(whole, f)),
+                                  f)
+  np.testing.assert_allclose(np.asarray(refilled.logprobs), np.asarray(whole.logprobs), atol=2e-5)
+  plain = sampling.completion_logprobs(model, params, whole, temperature=1.0)
+  np.testing.assert_allclose(np.asarray(whole.logprobs), np.asarray(plain), atol=2e-5)
+  assert int(np.asarray(whole.lengths).max()) > 32        # some row decoded into the second phase
+
+
 def test_grpo_micro_run_with_engine_rollouts(tmp_path):
   """RL rollouts from the engine (`rl.rollout_engine`; here with fewer slots than rows, so
   finished rows are refilled): the run trains end to end, the KL starts at exactly 0 (the
-  engine's rollouts are scored by the same plain forward as the reference), and the decode cost
-  is reported."""
+  engine's rollouts are scored by the same plain forward as the reference), the decode cost is
+  reported, and a run stopped after one iteration resumes bitwise (the engine's draws are a
+  function of the seed and the iteration, not of the process that made them)."""
   import json
   import os
   from gptjax import config as config_lib
   from gptjax.stages import run_stage
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "rl.py")
-  cfg = config_lib.load(f"{path}:grpo_micro", ["rl.iterations=2", "rl.rollout_engine=True",
-                                                    "rl.engine_slots=8"])
-  run_stage(cfg, str(tmp_path), progress=False)
-  its = [json.loads(l) for l in open(tmp_path / "rl_iterations.jsonl")]
+  run = lambda wd, n: run_stage(config_lib.load(f"{path}:grpo_micro", [
+      f"rl.iterations={n}", "rl.rollout_engine=True", "rl.engine_slots=8"]), str(wd),
+      progress=False)
+  straight = run(tmp_path / "straight", 2)
+  cfg = config_lib.load(f"{path}:grpo_micro", [])
+  its = [json.loads(l) for l in open(tmp_path / "straight" / "rl_iterations.jsonl")]
   assert len(its) == 2 and its[0]["rl/kl"] == 0.0
   rows = cfg.rl.prompts_per_iteration * cfg.rl.group_size
   for it in its:
     assert 0 < it["rl/decode_row_steps"] <= rows * cfg.rl.max_new_tokens + 8 * 16
     assert it["rl/rollout_engine"] == 1.0
+  run(tmp_path / "split", 1)
+  resumed = run(tmp_path / "split", 2)
+  assert resumed.step == straight.step
+  for x, y in zip(jax.tree.leaves(jax.device_get(straight.state.params)),
+                  jax.tree.leaves(jax.device_get(resumed.state.params))):
+    np.testing.assert_array_equal(x, y)
+  got = [json.loads(l) for l in open(tmp_path / "split" / "rl_iterations.jsonl")]
+  assert [i["rl/score"] for i in got] == [i["rl/score"] for i in its]
 
 
 def test_stream_yields_request_zero_of_generate(setup):

@@ -222,8 +222,8 @@ def memory_parts(cfg, workdir: str | None = None):
   batch = memory.with_rows(buffer, rcfg.minibatch_size, env.mesh)
   policy_cfg = rollout_lib.policy_view(model, full)[0].cfg
   if rcfg.rollout_engine:
-    # The engine's cache: its slots plus a scratch row, P + M + chunk slots each, on the
-    # process's devices as one array (counted whole).
+    # The engine's cache at its longest (it grows to that): its slots plus a scratch row,
+    # P + M + chunk slots each, on the process's devices as one array (counted whole).
     slots = min(rcfg.engine_slots or rows, rows)
     chunk = max(1, min(16, m - 1))
     cache = memory.replicated(jax.eval_shape(
