@@ -310,7 +310,7 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, slots: int = 64, chunk: int = 16,
              tools: ToolLoop | None = None, stats: EngineStats | None = None, constraint=None,
-             first_request: int = 0) -> sampling.SampleOutput:
+             first_request: int = 0, grow_cache: bool = True) -> sampling.SampleOutput:
   """Samples one completion per prompt (right-padded [N,P] int32) with continuous batching.
 
   `slots` rows decode at once; `chunk` steps run between host checks (fewer wasted steps on
@@ -319,6 +319,10 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
   `rng`: a key or an int seed. `constraint`: as in `sampling.generate`; each row follows the
   automaton from its admission. `first_request`: row i draws as request first_request + i, so
   a batch split into parts (e.g. one per process) draws what it draws in one call.
+  `grow_cache`: grow the KV cache with the clock (`cache_ladder`); it saves reads on every later
+  batch of the same shapes, but compiles a decode program per length, so a one-off call (one
+  batch in a process, e.g. `gptjax sample`) is faster with False: one full-length cache. The
+  tokens are the same either way.
   """
   prompts = np.asarray(jax.device_get(prompts), np.int32)
   lengths = np.asarray(jax.device_get(prompt_lengths), np.int32)
@@ -326,7 +330,7 @@ def generate(model, params, prompts, prompt_lengths, *, rng, max_new_tokens: int
   run = _Run(model, params, prompts, lengths, rng=rng, max_new_tokens=max_new_tokens,
              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_ids=eos_ids,
              pad_id=pad_id, slots=slots, chunk=chunk, tools=tools, stats=stats,
-             constraint=constraint, first_request=first_request)
+             constraint=constraint, first_request=first_request, grow_cache=grow_cache)
   for _ in run.chunks():
     pass
   c = run.c
@@ -366,7 +370,9 @@ def stream(model, params, prompt_ids: Sequence[int], *, rng, max_new_tokens: int
   run = _Run(model, params, prompts, np.asarray([n], np.int32), rng=rng,
              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              min_p=min_p, eos_ids=eos_ids, pad_id=pad_id, slots=1, chunk=chunk, tools=tools,
-             stats=stats, constraint=constraint)
+             # One row, and a turn's prompt width is often new: a growing cache would compile a
+             # program per length for one use (a chat turn took 4x as long, measured).
+             stats=stats, constraint=constraint, grow_cache=False)
   shown = 0
   for comp, step in run.chunks():
     upto = int(step[0]) if comp is not None else int(run.steps_taken[0])
@@ -381,7 +387,7 @@ class _Run:
 
   def __init__(self, model, params, prompts, lengths, *, rng, max_new_tokens, temperature,
                top_k, top_p, min_p, eos_ids, pad_id, slots, chunk, tools, stats,
-               constraint=None, first_request: int = 0):
+               constraint=None, first_request: int = 0, grow_cache: bool = True):
     n, p = prompts.shape
     if int(pad_id) in [int(e) for e in eos_ids]:
       raise ValueError(f"sampling.pad_id: {pad_id} is also an EOS id; pad must differ from EOS")
@@ -411,6 +417,7 @@ class _Run:
     params = shd.process_local(params)
     self.model, self.params, self.prompts, self.lengths = model, params, prompts, lengths
     self.first_request = int(first_request)
+    self.grow_cache = bool(grow_cache)
     self.c, self.tools = c, tools
     self.eos_list = [int(e) for e in eos_ids]
     self.eos, self.trig = jnp.asarray(eos), jnp.asarray(trig)
@@ -483,7 +490,7 @@ class _Run:
     width = self.width
     # One extra row at the end is scratch: admissions padded to a bucket write their dummies
     # there.
-    ladder = cache_ladder(c)
+    ladder = cache_ladder(c) if self.grow_cache else (c.cache_len,)
     length = ladder[0]
     cache = init_cache(cfg, width + 1, length)
     rows = {"step": jnp.zeros((width + 1,), jnp.int32), "done": jnp.ones((width + 1,), bool),

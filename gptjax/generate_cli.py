@@ -199,11 +199,12 @@ def sample_main(argv=None, *, write: Callable[[str], object] = sys.stdout.write)
   controls = _controls(args)
   if engine.supports(repetition_penalty=args.repetition_penalty, stop_sequences=stops):
     # One slot per sample; sample i draws with its own keys (fold_in(seed, i)), so it does not
-    # depend on --num_samples. With tools each sample calls, waits and goes on by itself.
+    # depend on --num_samples. With tools each sample calls, waits and goes on by itself. One
+    # batch per process, so one full-length cache (one decode program) beats a growing one.
     del controls["repetition_penalty"]
     out = engine.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
                           eos_ids=eos, pad_id=tok.pad_id, constraint=constraint, tools=loop,
-                          slots=args.num_samples, **controls)
+                          slots=args.num_samples, grow_cache=False, **controls)
   else:
     out = sampling.generate(model, params, prompts, lengths, rng=args.seed, max_new_tokens=new,
                             eos_ids=eos, stop_sequences=stops, pad_id=tok.pad_id,

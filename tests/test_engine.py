@@ -109,6 +109,15 @@ def test_the_cache_grows_in_phases_and_changes_no_result(setup):
   plain = sampling.completion_logprobs(model, params, whole, temperature=1.0)
   np.testing.assert_allclose(np.asarray(whole.logprobs), np.asarray(plain), atol=2e-5)
   assert int(np.asarray(whole.lengths).max()) > 32        # some row decoded into the second phase
+  # A one-off call (`gptjax sample`) and a chat stream keep one full-length cache, so one decode
+  # program: the same tokens.
+  full, stats = _gen(setup, slots=10, chunk=4, max_new_tokens=64, grow_cache=False)
+  assert stats.cache_lengths == {ladder[-1]}
+  np.testing.assert_array_equal(np.asarray(full.tokens), np.asarray(whole.tokens))
+  stats = engine.EngineStats()
+  streamed = list(engine.stream(model, params, prompts[0, :lengths[0]].tolist(), rng=7,
+                                max_new_tokens=64, eos_ids=(EOS,), pad_id=0, stats=stats))
+  assert len(stats.cache_lengths) == 1 and streamed
 
 
 def test_grpo_micro_run_with_engine_rollouts(tmp_path):
